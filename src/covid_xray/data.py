@@ -1,0 +1,346 @@
+"""Finding a dataset, reading any X-ray image safely and fast, splits and augmentation.
+
+Every path that turns a file or bytes into model input goes through `load_image`, so training,
+evaluation, `predict` and the server see identical pixels.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import DataError, ImageError
+
+DEFAULT_DATA_DIR = Path("data/Covid19-dataset")
+DATA_ENV_VAR = "COVID_XRAY_DATA"
+KAGGLE_DATASET = "pranavraikokte/covid19-image-dataset"
+# Files that operating systems drop into folders; never X-rays.
+JUNK_FILES = {"thumbs.db", "desktop.ini"}
+# Anything larger is refused before decoding (a decompression bomb, not an X-ray).
+MAX_IMAGE_PIXELS = 80_000_000
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int
+
+
+@dataclass
+class Dataset:
+    """Samples per split, class names in label order, and how the splits were made."""
+
+    classes: list[str]
+    splits: dict[str, list[Sample]]
+    layout: str  # "kaggle", "folders" or "csv"
+    carved: list[str] = field(default_factory=list)  # splits this code carved out (vs. given)
+    root: Path = Path(".")
+
+    def __getitem__(self, split: str) -> list[Sample]:
+        return self.splits[split]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {
+            split: {c: sum(s.label == i for s in samples) for i, c in enumerate(self.classes)}
+            for split, samples in self.splits.items()
+        }
+
+    def write_splits_csv(self, path: Path) -> None:
+        """Record exactly which file went to which split, so a run can be audited and repeated."""
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "label", "split"])
+            for split, samples in self.splits.items():
+                for s in samples:
+                    writer.writerow([_relative(s.path, self.root), self.classes[s.label], split])
+
+
+def resolve_data_dir(arg: str | os.PathLike | None) -> Path:
+    """--data, else $COVID_XRAY_DATA, else ./data/Covid19-dataset; say how to get it if absent."""
+    candidate = Path(arg or os.environ.get(DATA_ENV_VAR) or DEFAULT_DATA_DIR).expanduser()
+    if candidate.exists():
+        return candidate
+    raise DataError(
+        f"dataset not found at {candidate}: pass --data DIR or set {DATA_ENV_VAR}; get the data from "
+        f"Kaggle '{KAGGLE_DATASET}' (unzip so that DIR/train/<class>/ exists), or run "
+        f"'covid-xray download' with kagglehub installed and Kaggle credentials"
+    )
+
+
+def discover(
+    data: str | os.PathLike,
+    *,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+) -> Dataset:
+    """Find train/val/test samples in a Kaggle layout, a class-folder tree or a CSV manifest.
+
+    Validation is always carved from train (stratified, seeded); test is only carved when the
+    data does not provide one. Class names are sorted folder/label names.
+    """
+    root = Path(data)
+    if not root.exists():
+        raise DataError(f"{root} does not exist")
+    if root.is_file():
+        if root.suffix.lower() != ".csv":
+            raise DataError(f"{root} is a file but not a CSV manifest (path,label[,split])")
+        given, layout, base = _read_manifest(root), "csv", root.parent
+    elif _class_dirs(root / "train"):
+        given, layout, base = {"train": _scan_class_dirs(root / "train")}, "kaggle", root
+        if (root / "test").is_dir():
+            given["test"] = _scan_class_dirs(root / "test")
+    elif _class_dirs(root):
+        given, layout, base = {"train": _scan_class_dirs(root)}, "folders", root
+    else:
+        raise DataError(
+            f"{root} has no class folders: expected DIR/train/<class>/*.jpg (Kaggle layout), "
+            f"DIR/<class>/*.jpg, or a CSV manifest with columns path,label[,split]"
+        )
+
+    classes = sorted({label for items in given.values() for _, label in items})
+    if len(classes) < 2:
+        raise DataError(f"{root} has only one class ({', '.join(classes)}); need at least two")
+    train_classes = {label for _, label in given.get("train", [])}
+    for split, items in given.items():
+        found = {label for _, label in items}
+        if split != "train" and found != train_classes:
+            raise DataError(
+                f"class sets differ between train ({', '.join(sorted(train_classes))}) and "
+                f"{split} ({', '.join(sorted(found))}) in {root}"
+            )
+    index = {c: i for i, c in enumerate(classes)}
+    splits = {s: [Sample(p, index[label]) for p, label in given.get(s, [])] for s in SPLITS}
+
+    carved = []
+    if not splits["test"]:
+        splits["train"], splits["test"] = _stratified_split(splits["train"], test_fraction, split_seed, "test")
+        carved.append("test")
+    if not splits["val"]:
+        splits["train"], splits["val"] = _stratified_split(splits["train"], val_fraction, split_seed, "val")
+        carved.append("val")
+    return Dataset(classes, splits, layout, carved, base)
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _is_candidate(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.name.lower() not in JUNK_FILES
+
+
+def _scan_class_dirs(folder: Path) -> list[tuple[Path, str]]:
+    items = []
+    for class_dir in _class_dirs(folder):
+        files = sorted(p for p in class_dir.rglob("*") if _is_candidate(p))
+        if not files:
+            raise DataError(f"class folder {class_dir} has no images; remove it or add images")
+        items += [(p, class_dir.name) for p in files]
+    return items
+
+
+def _read_manifest(path: Path) -> dict[str, list[tuple[Path, str]]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = [c.strip().lower() for c in reader.fieldnames or []]
+        if "path" not in fields or "label" not in fields:
+            raise DataError(f"{path}: manifest needs a header with columns path,label[,split]")
+        rows = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    given: dict[str, list[tuple[Path, str]]] = {}
+    for line, row in enumerate(rows, start=2):
+        split = row.get("split") or "train"
+        if split not in SPLITS:
+            raise DataError(f"{path}:{line}: split must be one of {', '.join(SPLITS)}, got {split!r}")
+        if not row["path"] or not row["label"]:
+            raise DataError(f"{path}:{line}: empty path or label")
+        file = Path(row["path"]) if Path(row["path"]).is_absolute() else path.parent / row["path"]
+        if not file.is_file():
+            raise DataError(f"{path}:{line}: image file {file} does not exist")
+        given.setdefault(split, []).append((file, row["label"]))
+    if not given.get("train"):
+        raise DataError(f"{path}: manifest has no training rows")
+    return given
+
+
+def _stratified_split(samples: list[Sample], fraction: float, seed: int, name: str):
+    from sklearn.model_selection import train_test_split
+
+    counts = Counter(s.label for s in samples)
+    if min(counts.values()) < 2 or round(fraction * len(samples)) < len(counts):
+        raise DataError(
+            f"too few images to carve a stratified {name} split: every class needs at least 2 "
+            f"(have {dict(sorted(counts.items()))})"
+        )
+    keep, held = train_test_split(
+        samples, test_size=fraction, random_state=seed, stratify=[s.label for s in samples]
+    )
+    return sorted(keep, key=lambda s: str(s.path)), sorted(held, key=lambda s: str(s.path))
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+# --- reading images --------------------------------------------------------------------------
+
+
+def is_dicom(data: bytes) -> bool:
+    return data[128:132] == b"DICM"
+
+
+def load_image(source: str | os.PathLike | bytes, size: int | None = None) -> np.ndarray:
+    """Read a file or bytes as an 8-bit grayscale X-ray, resized to size×size when given.
+
+    Handles every Pillow mode (8/16-bit, alpha, palette, CMYK, EXIF rotation) and DICOM.
+    Large JPEGs are decoded at reduced scale (Pillow draft), which is most of the speed on
+    multi-megapixel hospital exports. Raises ImageError naming the source on any failure.
+    """
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    try:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    except OSError as e:
+        raise ImageError(f"{name}: cannot read file ({e.strerror or e})") from None
+    if not data:
+        raise ImageError(f"{name}: empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = _decode_dicom(data) if is_dicom(data) else _decode_pillow(data, size)
+            if size is not None and img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(img, dtype=np.uint8)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{name}: image is larger than {MAX_IMAGE_PIXELS:,} pixels; refusing to decode") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image (no known image format or DICOM header)") from None
+    except Exception as e:  # truncated/corrupt data surfaces as many different exception types
+        raise ImageError(f"{name}: corrupt image ({type(e).__name__}: {e})") from None
+
+
+def _decode_pillow(data: bytes, size: int | None) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    if size is not None and img.format == "JPEG":
+        # JPEG decodes at 1/2, 1/4 or 1/8 scale directly (and straight to luma), never below size.
+        img.draft("L", (size, size))
+    img = ImageOps.exif_transpose(img)  # also forces the full decode, so corrupt data fails here
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return Image.fromarray(_to_uint8(np.asarray(img, dtype=np.float32)))
+    return img if img.mode == "L" else img.convert("L")
+
+
+def _decode_dicom(data: bytes) -> Image.Image:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    if "PixelData" not in ds:
+        raise ImageError("DICOM file has no pixel data")
+    pixels = ds.pixel_array
+    if getattr(ds, "NumberOfFrames", 1) not in (None, 1) and pixels.ndim > 2:
+        pixels = pixels[0]
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
+    if pixels.ndim == 3:  # colour DICOM (secondary capture): use luminance
+        return Image.fromarray(pixels.astype(np.uint8)).convert("L")
+    pixels = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float32)
+    gray = _to_uint8(pixels)
+    return Image.fromarray(255 - gray if photometric == "MONOCHROME1" else gray)
+
+
+def _to_uint8(pixels: np.ndarray) -> np.ndarray:
+    lo, hi = float(pixels.min()), float(pixels.max())
+    if hi <= lo:
+        return np.zeros(pixels.shape, dtype=np.uint8)
+    return np.round((pixels - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+@dataclass
+class Decoded:
+    """Images of one split decoded once into memory (uint8, N×size×size)."""
+
+    images: np.ndarray
+    samples: list[Sample]
+    digests: list[str]
+    bad: list[str]  # one-line reasons for skipped files
+
+
+def decode_samples(samples: list[Sample], size: int, *, skip_bad: bool = False, workers: int | None = None) -> Decoded:
+    """Decode and resize every sample once (threads: Pillow releases the GIL while decoding)."""
+
+    def one(sample: Sample):
+        try:
+            data = sample.path.read_bytes()
+            return load_image(data, size), hashlib.sha256(data).hexdigest(), None
+        except ImageError as e:
+            return None, None, f"{sample.path}: {str(e).split(': ', 1)[-1]}"
+        except OSError as e:
+            return None, None, f"{sample.path}: cannot read file ({e.strerror or e})"
+
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        results = list(pool.map(one, samples))
+    bad = [reason for _, _, reason in results if reason]
+    if bad and not skip_bad:
+        raise ImageError(f"{bad[0]} (use --skip-bad-images to skip unreadable files)")
+    kept = [(s, r) for s, r in zip(samples, results) if r[2] is None]
+    images = np.stack([r[0] for _, r in kept]) if kept else np.zeros((0, size, size), np.uint8)
+    return Decoded(images, [s for s, _ in kept], [r[1] for _, r in kept], bad)
+
+
+def fingerprint(digests_by_split: dict[str, list[str]], classes: list[str], samples_by_split) -> str:
+    """One SHA-256 over the content, label and split of every image used: identifies the data."""
+    h = hashlib.sha256()
+    for split in sorted(digests_by_split):
+        for digest, sample in sorted(zip(digests_by_split[split], samples_by_split[split]), key=lambda t: t[0]):
+            h.update(f"{split}:{classes[sample.label]}:{digest}\n".encode())
+    return h.hexdigest()
+
+
+# --- training input ----------------------------------------------------------------------------
+
+
+def augmentation(size: int):
+    """Mild, anatomy-preserving augmentation for chest films: no flips (the heart is on the left)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.RandomResizedCrop(size, scale=(0.85, 1.0), ratio=(0.9, 1.1), antialias=True),
+        v2.RandomAffine(degrees=7, translate=(0.04, 0.04)),
+        v2.ColorJitter(brightness=0.2, contrast=0.2),
+    ])
+
+
+class ImageTensors:
+    """A torch-style dataset over decoded uint8 images: yields (1×H×W uint8 tensor, label)."""
+
+    def __init__(self, images: np.ndarray, labels: list[int], transform=None):
+        import torch
+
+        self.images = torch.from_numpy(images)
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        x = self.images[i].unsqueeze(0)
+        return (self.transform(x) if self.transform else x), self.labels[i]

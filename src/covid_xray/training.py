@@ -1,0 +1,326 @@
+"""Fine-tuning: head warm-up on cached features, then full fine-tuning with early stopping.
+
+`train_run` is the `covid-xray train` job (and the SageMaker entry point's): data → model → fit →
+evaluate on the untouched test split → bundle, metrics.json, report.md and plots in the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import data as data_mod
+from . import evaluation
+from .bundle import save_bundle
+from .errors import CovidXrayError
+from .models import DEFAULT_BACKBONE, XrayNet, create_model, input_size, predict_probs
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = DEFAULT_BACKBONE
+    weights: str = "imagenet"
+    epochs: int = 12
+    batch_size: int = 32
+    lr: float = 1e-3  # classifier head; the backbone gets lr * backbone_lr_scale
+    backbone_lr_scale: float = 0.3
+    weight_decay: float = 0.01
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    patience: int = 4
+    seed: int = 0
+    split_seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    image_size: int | None = None  # None: the backbone's pretraining resolution
+    skip_bad_images: bool = False
+    amp: bool = True  # bfloat16 autocast on CPUs with native bf16, fp16/bf16 on GPUs
+    bootstrap: int = 1000
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def resolved_size(self) -> int:
+        return self.image_size or input_size(self.backbone)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device, enabled: bool):
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype, enabled=enabled)
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled and cpu_has_bf16())
+
+
+def class_weights(labels: list[int], n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights (mean 1) so the loss does not favour the largest class."""
+    counts = np.bincount(labels, minlength=n_classes).astype(float)
+    weights = counts.sum() / (n_classes * np.maximum(counts, 1))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _save_atomic(obj: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def _features(model: XrayNet, images: np.ndarray, device, amp: bool, batch_size: int = 64) -> torch.Tensor:
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[start : start + batch_size]).unsqueeze(1).to(device)
+        with autocast(device, amp):
+            out.append(model.features(x).float())
+    return torch.cat(out)
+
+
+def warm_up_head(model: XrayNet, images: np.ndarray, labels: list[int], cfg: TrainConfig, device, loss_fn) -> None:
+    """Fit the new classifier on frozen features first, so fine-tuning starts from a sensible head
+    instead of pushing random-head gradients into the pretrained backbone."""
+    feats = _features(model, images, device, cfg.amp)
+    y = torch.as_tensor(labels, device=device)
+    head = model.head
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=cfg.weight_decay)
+    for _ in range(200):  # full-batch steps on cached features: a fraction of a second
+        opt.zero_grad()
+        loss_fn(head(feats), y).backward()
+        opt.step()
+
+
+def fit(
+    model: XrayNet,
+    train: data_mod.Decoded,
+    val: data_mod.Decoded,
+    cfg: TrainConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    log=print,
+) -> dict[str, Any]:
+    """Train with AdamW, warm-up + cosine, label smoothing and class weights; keep the epoch with
+    the lowest validation loss; checkpoint every epoch. Returns the history and best epoch."""
+    from tqdm.auto import tqdm
+
+    device = pick_device()
+    model.to(device).to(memory_format=torch.channels_last)
+    n_classes = model.head.out_features
+    train_labels = [s.label for s in train.samples]
+    val_labels = np.array([s.label for s in val.samples])
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights(train_labels, n_classes).to(device), label_smoothing=cfg.label_smoothing)
+
+    head_params = list(model.head.parameters())
+    head_ids = {id(p) for p in head_params}
+    backbone_params = [p for p in model.parameters() if id(p) not in head_ids]
+    optimizer = torch.optim.AdamW(
+        [{"params": backbone_params, "lr": cfg.lr * cfg.backbone_lr_scale}, {"params": head_params, "lr": cfg.lr}],
+        weight_decay=cfg.weight_decay,
+    )
+    steps_per_epoch = math.ceil(len(train_labels) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.epochs * steps_per_epoch, max(1, int(cfg.warmup_epochs * steps_per_epoch)))
+    )
+    dataset = data_mod.ImageTensors(train.images, train_labels, data_mod.augmentation(train.images.shape[-1]))
+
+    state: dict[str, Any] = {"epoch": 0, "history": [], "best_epoch": 0, "best_val_loss": float("inf"), "best_state": None}
+    checkpoint = run_dir / CHECKPOINT
+    if resume and checkpoint.is_file():
+        saved = torch.load(checkpoint, map_location=device, weights_only=True)
+        if saved["config"] != _resume_key(cfg):
+            raise CovidXrayError(f"{checkpoint} was made with different settings; use the same ones or a new --out")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = saved["state"]
+        log(f"resuming after epoch {state['epoch']} from {checkpoint}")
+    else:
+        warm_up_head(model, train.images, train_labels, cfg, device, loss_fn)
+
+    epochs_without_improvement = state["epoch"] - state["best_epoch"]
+    bar = tqdm(range(state["epoch"] + 1, cfg.epochs + 1), desc="epochs", unit="epoch", dynamic_ncols=True)
+    for epoch in bar:
+        if epochs_without_improvement >= cfg.patience:
+            log(f"early stopping: no validation improvement for {cfg.patience} epochs")
+            break
+        # Re-seeding per epoch makes a resumed run replay exactly the batches and augmentations it would have.
+        seed_everything(cfg.seed * 1000 + epoch)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        )
+        model.train()
+        total, seen = 0.0, 0
+        for x, y in tqdm(loader, desc=f"epoch {epoch}", leave=False, unit="batch", dynamic_ncols=True):
+            x, y = x.to(device), y.to(device)
+            with autocast(device, cfg.amp):
+                loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(y)
+            seen += len(y)
+        probs = predict_probs(model, val.images)
+        val_loss = float(-np.log(np.clip(probs[np.arange(len(val_labels)), val_labels], 1e-7, 1)).mean())
+        val_acc = float((probs.argmax(1) == val_labels).mean())
+        state["history"].append({"epoch": epoch, "train_loss": total / seen, "val_loss": val_loss, "val_accuracy": val_acc})
+        state["epoch"] = epoch
+        if val_loss < state["best_val_loss"] - 1e-4:
+            state.update(best_epoch=epoch, best_val_loss=val_loss, best_state={k: v.detach().clone() for k, v in model.state_dict().items()})
+            epochs_without_improvement = 0
+        else:
+            epochs_without_improvement += 1
+        bar.set_postfix(loss=f"{total / seen:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}")
+        _save_atomic(
+            {"config": _resume_key(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "state": state},
+            checkpoint,
+        )
+    bar.close()
+    if state["best_state"] is not None:
+        model.load_state_dict(state["best_state"])
+    return {"history": state["history"], "best_epoch": state["best_epoch"], "best_val_loss": state["best_val_loss"]}
+
+
+def _resume_key(cfg: TrainConfig) -> dict[str, Any]:
+    """Settings that must match for a checkpoint to be resumed."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("patience", "bootstrap", "extra")}
+
+
+def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, resume: bool = False, log=print) -> dict[str, Any]:
+    """The whole training job. Writes RUN/model (the bundle), metrics.json, report.md, plots, splits.csv."""
+    started = time.time()
+    run_dir = Path(out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    size = cfg.resolved_size()
+
+    dataset = data_mod.discover(data_dir, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, split_seed=cfg.split_seed)
+    dataset.write_splits_csv(run_dir / "splits.csv")
+    log(f"data: {dataset.layout} layout, classes {dataset.classes}, " + ", ".join(f"{s} {len(dataset[s])}" for s in data_mod.SPLITS))
+    decoded = {s: data_mod.decode_samples(dataset[s], size, skip_bad=cfg.skip_bad_images) for s in data_mod.SPLITS}
+    bad = [reason for d in decoded.values() for reason in d.bad]
+    for reason in bad:
+        log(f"skipped unreadable image: {reason}")
+
+    model = create_model(cfg.backbone, len(dataset.classes), cfg.weights)
+    fit_result = fit(model, decoded["train"], decoded["val"], cfg, run_dir, resume=resume, log=log)
+    model.cpu()
+
+    metrics: dict[str, Any] = {}
+    plots = []
+    for split in ("val", "test"):
+        y = [s.label for s in decoded[split].samples]
+        probs = predict_probs(model, decoded[split].images)
+        metrics[split] = evaluation.compute_metrics(y, probs, dataset.classes, n_boot=cfg.bootstrap, seed=cfg.seed)
+        plots += evaluation.write_plots(run_dir, split, y, probs, dataset.classes, metrics[split])
+    evaluation.plot_learning_curves(fit_result["history"], fit_result["best_epoch"], run_dir / "learning_curves.png")
+    plots.append("learning_curves.png")
+
+    elapsed = time.time() - started
+    data_info = {
+        "layout": dataset.layout,
+        "carved_splits": dataset.carved,
+        "counts": {s: len(decoded[s].samples) for s in data_mod.SPLITS},
+        "skipped_images": bad,
+        "fingerprint": data_mod.fingerprint(
+            {s: decoded[s].digests for s in data_mod.SPLITS}, dataset.classes, {s: decoded[s].samples for s in data_mod.SPLITS}
+        ),
+    }
+    config = {
+        "backbone": cfg.backbone,
+        "classes": dataset.classes,
+        "input_size": size,
+        "input": "grayscale uint8, N×1×H×W; normalisation inside the model",
+        "normalization": {"mean": list(model.mean), "std": list(model.std)},
+        "hyperparameters": asdict(cfg),
+        "training": {"best_epoch": fit_result["best_epoch"], "epochs_run": len(fit_result["history"]), "seconds": round(elapsed, 1)},
+        "data": data_info,
+        "metrics": {split: {"accuracy": m["accuracy"], "macro_auc": m["macro_auc"], "n": m["n"]} for split, m in metrics.items()},
+    }
+    save_bundle(run_dir / "model", model, config)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    report = write_report(run_dir, config, metrics, fit_result, plots)
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the run is complete; the bundle holds the result
+    for line in evaluation.summary_lines(metrics["test"], "test") + [f"train_seconds={elapsed:.1f}"]:
+        log(line)
+    return {"run_dir": run_dir, "report": report, "metrics": metrics, "config": config}
+
+
+def write_report(run_dir: Path, config: dict[str, Any], metrics: dict[str, Any], fit_result: dict[str, Any], plots: list[str]) -> Path:
+    classes = config["classes"]
+    d = config["data"]
+    hp = config["hyperparameters"]
+    lines = [
+        "# covid-xray training report",
+        "",
+        "A triage aid to read while RT-PCR results are pending — not a diagnosis.",
+        "",
+        "## Data",
+        f"- layout: {d['layout']}; images used: " + ", ".join(f"{s} {n}" for s, n in d["counts"].items()),
+        f"- splits carved by covid-xray (stratified, split seed {hp['split_seed']}): {', '.join(d['carved_splits']) or 'none'}; "
+        "the exact split of every file is in `splits.csv`",
+        "- the **test split was used for nothing but this evaluation**: early stopping and model selection used validation only",
+        f"- unreadable images skipped: {len(d['skipped_images'])}" + "".join(f"\n  - {r}" for r in d["skipped_images"]),
+        f"- data fingerprint: `{d['fingerprint'][:16]}…`",
+        "",
+        "## Test results",
+        evaluation.metrics_table(metrics["test"]),
+        "",
+        evaluation.confusion_table(metrics["test"], classes),
+        "",
+        "![confusion](confusion_test.png) ![roc](roc_test.png)",
+        "",
+        "## Validation results (used for model selection, so optimistic)",
+        evaluation.metrics_table(metrics["val"]),
+        "",
+        "## Training",
+        f"- backbone `{config['backbone']}`, weights `{hp['weights']}`, input {config['input_size']}×{config['input_size']} grayscale",
+        f"- head warm-up on frozen features, then full fine-tuning: AdamW (lr {hp['lr']}, backbone ×{hp['backbone_lr_scale']}), "
+        f"warm-up + cosine, label smoothing {hp['label_smoothing']}, class-weighted loss, seed {hp['seed']}",
+        f"- selected epoch {fit_result['best_epoch']} of {len(fit_result['history'])} (lowest validation loss); "
+        f"{config['training']['seconds']} s in total",
+        "",
+        "![learning curves](learning_curves.png)",
+        "",
+    ]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
