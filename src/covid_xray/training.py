@@ -96,6 +96,15 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
+def train_mode(model: nn.Module) -> None:
+    """Train, but keep BatchNorm on its pretrained running statistics: with a few hundred images and
+    small batches, batch statistics are noisy and would shift the features the warmed-up head expects."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
 def _save_atomic(obj: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -185,7 +194,7 @@ def fit(
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         )
-        model.train()
+        train_mode(model)
         total, seen = 0.0, 0
         for x, y in tqdm(loader, desc=f"epoch {epoch}", leave=False, unit="batch", dynamic_ncols=True):
             x, y = x.to(device), y.to(device)
