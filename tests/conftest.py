@@ -1,0 +1,78 @@
+"""Shared fixtures: synthetic images made on the fly, a quick untrained bundle, and one real
+training run on the dataset (session-scoped: trained once, reused by every test that needs it)."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+DATA_ENV = "COVID_XRAY_DATA"
+
+
+def xray_like(size: int = 96, seed: int = 0, mode: str = "L") -> Image.Image:
+    """A synthetic chest-film-like image: dark background, two bright lung-shaped ellipses, noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    img = 40 + 60 * np.exp(-(((xx - 0.5) / 0.35) ** 2 + ((yy - 0.5) / 0.45) ** 2))
+    for cx in (0.32, 0.68):
+        img += 90 * (((xx - cx) / 0.14) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1)
+    img += rng.normal(0, 8, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).convert(mode)
+
+
+def encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def make_class_tree(root: Path, classes=("A", "B", "C"), per_class: int = 8, size: int = 64) -> Path:
+    """A tiny class-folder dataset where each class has a distinct brightness (easy to learn)."""
+    for ci, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = np.asarray(xray_like(size, seed=ci * 100 + i), dtype=np.int16) + (ci - 1) * 50
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / c / f"{c}_{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def dataset_dir() -> Path:
+    value = os.environ.get(DATA_ENV)
+    if not value:
+        pytest.skip(f"{DATA_ENV} is not set: real-dataset tests skipped")
+    return Path(value)
+
+
+@pytest.fixture(scope="session")
+def untrained_bundle(tmp_path_factory) -> Path:
+    """A real bundle (ImageNet backbone, random 3-class head) for protocol tests: fast, needs no data."""
+    import torch
+
+    from covid_xray.bundle import save_bundle
+    from covid_xray.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tf_efficientnet_lite0", 3, weights="imagenet").eval()
+    path = tmp_path_factory.mktemp("bundles") / "untrained"
+    config = {
+        "backbone": "tf_efficientnet_lite0",
+        "classes": ["Covid", "Normal", "Viral Pneumonia"],
+        "input_size": 224,
+        "normalization": {"mean": list(model.mean), "std": list(model.std)},
+    }
+    return save_bundle(path, model, config)
+
+
+@pytest.fixture(scope="session")
+def trained_run(dataset_dir, tmp_path_factory) -> dict:
+    """One short real training run on the dataset (a few minutes on 2 cores), shared by all tests."""
+    from covid_xray.training import TrainConfig, train_run
+
+    out = tmp_path_factory.mktemp("run")
+    return train_run(TrainConfig(epochs=8, bootstrap=200), dataset_dir, out, log=lambda m: None)
