@@ -183,8 +183,8 @@ def _stratified_split(samples: list[Sample], fraction: float, seed: int, name: s
     counts = Counter(s.label for s in samples)
     if min(counts.values()) < 2 or round(fraction * len(samples)) < len(counts):
         raise DataError(
-            f"too few images to carve a stratified {name} split: every class needs at least 2 "
-            f"(have {dict(sorted(counts.items()))})"
+            f"too few images to carve a stratified {name} split ({fraction:.0%} of {len(samples)}) with every "
+            f"class in it; add images or provide the {name} split (images per class: {dict(sorted(counts.items()))})"
         )
     keep, held = train_test_split(
         samples, test_size=fraction, random_state=seed, stratify=[s.label for s in samples]

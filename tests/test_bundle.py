@@ -1,0 +1,67 @@
+"""The bundle round-trips exactly and refuses damaged files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import encode, xray_like
+from covid_xray.bundle import load_bundle
+from covid_xray.errors import ModelError
+from covid_xray.inference import Predictor
+
+
+def test_round_trip_gives_identical_probabilities(untrained_bundle, tmp_path):
+    from covid_xray.bundle import save_bundle
+
+    model, config = load_bundle(untrained_bundle)
+    copy = save_bundle(tmp_path / "copy", model, {k: v for k, v in config.items() if k not in ("files", "format_version", "package_version")})
+    images = [encode(xray_like(300, seed=i)) for i in range(4)]
+    a = Predictor.from_bundle(untrained_bundle).predict(images)
+    b = Predictor.from_bundle(copy).predict(images)
+    assert a == b
+    assert list(a[0]["probabilities"]) == ["Covid", "Normal", "Viral Pneumonia"]
+
+
+def test_bundle_has_no_pickle_and_records_checksums(untrained_bundle):
+    files = sorted(p.name for p in untrained_bundle.iterdir())
+    assert files == ["config.json", "model.safetensors"]
+    config = json.loads((untrained_bundle / "config.json").read_text())
+    assert len(config["files"]["model.safetensors"]) == 64
+
+
+def _copy(bundle, tmp_path):
+    import shutil
+
+    return shutil.copytree(bundle, tmp_path / "b")
+
+
+def test_tampered_or_truncated_weights_are_refused(untrained_bundle, tmp_path):
+    bundle = _copy(untrained_bundle, tmp_path)
+    weights = bundle / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="does not match the checksum"):
+        load_bundle(bundle)
+    weights.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(ModelError, match="truncated"):
+        load_bundle(bundle)
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(ModelError, match="not a model bundle"):
+        load_bundle(tmp_path)
+
+
+def test_predict_paths_reports_unreadable_files_without_stopping(untrained_bundle, tmp_path):
+    good = tmp_path / "good.jpg"
+    good.write_bytes(encode(xray_like(200)))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    rows = Predictor.from_bundle(untrained_bundle).predict_paths([good, bad])
+    assert rows[0]["label"] in ("Covid", "Normal", "Viral Pneumonia")
+    assert np.isclose(sum(rows[0]["probabilities"].values()), 1, atol=1e-4)
+    assert "not an image" in rows[1]["error"] and "label" not in rows[1]

@@ -1,0 +1,119 @@
+"""The command line as a user runs it: subprocesses, exit codes, files written, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import encode, make_class_tree, xray_like
+
+TINY = ["--weights", "none", "--image-size", "64", "--batch-size", "8"]
+
+
+def covid_xray(*args, check=True, **kw) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "covid_xray.cli", *map(str, args)], capture_output=True, text=True, timeout=600, **kw
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return make_class_tree(tmp_path_factory.mktemp("tiny") / "data", per_class=12, size=72)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "run"
+    result = covid_xray("train", "--data", tiny_data, "--out", out, "--epochs", "2", *TINY)
+    assert f"report: {out / 'report.md'}" in result.stdout
+    assert "test_accuracy=" in result.stdout  # name=value lines for log scrapers
+    return out
+
+
+def test_train_writes_bundle_metrics_report_and_plots(tiny_run):
+    for name in ["model/model.safetensors", "model/config.json", "metrics.json", "report.md", "splits.csv",
+                 "confusion_test.png", "roc_test.png", "learning_curves.png"]:
+        assert (tiny_run / name).is_file(), name
+    assert not (tiny_run / "checkpoint.pt").exists()
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    test = metrics["test"]
+    assert set(test) >= {"accuracy", "n", "per_class", "macro_auc", "ci95"}
+    assert set(test["per_class"]["A"]) == {"sensitivity", "specificity", "precision", "f1", "auc"}
+    config = json.loads((tiny_run / "model/config.json").read_text())
+    assert config["classes"] == ["A", "B", "C"] and config["input_size"] == 64
+    assert config["data"]["carved_splits"] == ["test", "val"] and len(config["data"]["fingerprint"]) == 64
+    assert "test split was used for nothing but this evaluation" in (tiny_run / "report.md").read_text()
+
+
+def test_predict_json_and_table(tiny_run, tmp_path):
+    image = tmp_path / "x.png"
+    xray_like(120).save(image)
+    rows = json.loads(covid_xray("predict", tiny_run / "model", image, "--json").stdout)
+    assert rows[0]["path"] == str(image) and rows[0]["label"] in ("A", "B", "C")
+    assert list(rows[0]["probabilities"]) == ["A", "B", "C"]
+    table = covid_xray("predict", tiny_run / "model", image).stdout
+    assert str(image) in table and rows[0]["label"] in table
+
+
+def test_evaluate_reproduces_the_test_metrics(tiny_run, tiny_data):
+    metrics = json.loads(covid_xray("evaluate", tiny_run / "model", "--data", tiny_data, "--json", "--bootstrap", "50").stdout)
+    saved = json.loads((tiny_run / "metrics.json").read_text())["test"]
+    assert metrics["accuracy"] == saved["accuracy"] and metrics["n"] == saved["n"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--data", "/nonexistent/dir"], "dataset not found at /nonexistent/dir"),
+        (["train", "--data", "{data}", "--backbone", "resnet_18"], "unknown backbone 'resnet_18'"),
+        (["predict", "/nonexistent/bundle", "x.jpg"], "is not a model bundle"),
+        (["train", "--data", "{data}", "--weights", "/nonexistent.pth"], "does not exist"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(args, message, tiny_data, tmp_path):
+    args = [a.replace("{data}", str(tiny_data)) for a in args]
+    extra = ["--out", str(tmp_path / "o")] if args[0] == "train" else []
+    result = covid_xray(*args, *extra, check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("covid-xray: error")]
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_predict_marks_unreadable_files_and_exits_nonzero(tiny_run, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    result = covid_xray("predict", tiny_run / "model", bad, "--json", check=False)
+    assert result.returncode == 1
+    assert "not an image" in json.loads(result.stdout)[0]["error"]
+
+
+def test_killed_run_resumes_to_the_same_result(tiny_data, tmp_path):
+    """kill -9 after the first checkpoint, --resume, and end where an uninterrupted run ends."""
+    args = ["train", "--data", tiny_data, *TINY, "--epochs", "4", "--patience", "10"]
+    covid_xray(*args, "--out", tmp_path / "straight")
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "covid_xray.cli", *map(str, args), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoint.pt").exists() and not (out / "model").exists()
+    result = covid_xray(*args, "--out", out, "--resume")
+    assert "resuming after epoch" in result.stdout
+    straight = json.loads((tmp_path / "straight/metrics.json").read_text())
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed == straight
