@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ import pytest
 from PIL import Image
 
 DATA_ENV = "COVID_XRAY_DATA"
+# Keep decoded-image caches of test runs (and their subprocesses) out of the user's ~/.cache.
+os.environ.setdefault("COVID_XRAY_CACHE", tempfile.mkdtemp(prefix="covid-xray-cache-"))
 
 
 def xray_like(size: int = 96, seed: int = 0, mode: str = "L") -> Image.Image:

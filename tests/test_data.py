@@ -199,4 +199,17 @@ def test_bad_image_stops_or_is_skipped_and_counted(tmp_path):
         decode_samples(everything, 32)
     decoded = decode_samples(everything, 32, skip_bad=True)
     assert len(decoded.samples) == len(everything) - 1 and len(decoded.bad) == 1
-    assert decoded.images.shape == (len(everything) - 1, 32, 32)
+    assert decoded.images[:].shape == (len(everything) - 1, 32, 32)
+
+
+def test_decoded_images_are_cached_on_disk_by_content(tmp_path):
+    make_class_tree(tmp_path / "d", per_class=3)
+    samples = discover(tmp_path / "d", val_fraction=0.5, test_fraction=0.34)["train"]
+    first = decode_samples(samples, 40, cache_dir=tmp_path / "cache")
+    files = sorted((tmp_path / "cache").rglob("*.npy"))
+    assert len(files) == len(samples) and all(f.parent.parent.name == "size40-v1" for f in files)
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    second = decode_samples(samples, 40, cache_dir=tmp_path / "cache")  # reused, not re-decoded
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+    assert np.array_equal(first.images[:], second.images[:])
+    assert np.array_equal(first.images[0], load_image(samples[0].path, 40))

@@ -14,7 +14,30 @@ from .errors import CovidXrayError
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
 
 
+def _launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """`train --nproc N`: rerun this same command under torchrun with N local processes."""
+    import os
+    import subprocess
+
+    rest, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "covid_xray.cli", *rest]
+    # One thread per process unless told otherwise: N processes already use N cores.
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)), **os.environ}
+    return subprocess.call(cmd, env=env)
+
+
 def _train(args: argparse.Namespace) -> int:
+    import os
+
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_torchrun(args.nproc, args.argv)
     from .data import resolve_data_dir
     from .training import TrainConfig, train_run
 
@@ -25,8 +48,9 @@ def _train(args: argparse.Namespace) -> int:
     )
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     result = train_run(cfg, resolve_data_dir(args.data), out, resume=args.resume, log=lambda m: print(m, flush=True))
-    print(f"bundle: {out / 'model'}")
-    print(f"report: {result['report']}")
+    if result:  # empty on the ranks of a distributed run that do not write
+        print(f"bundle: {out / 'model'}")
+        print(f"report: {result['report']}")
     return 0
 
 
@@ -116,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable files (counted in the report)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
     p.add_argument("--no-amp", action="store_true", help="train in float32 even where bfloat16 is fast")
+    p.add_argument("--nproc", type=int, default=1, help="train with N processes via torchrun (DDP; gloo on CPU)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="re-evaluate a bundle on a dataset split")
@@ -137,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except CovidXrayError as e:

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import os
+import threading
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -273,23 +274,65 @@ def _to_uint8(pixels: np.ndarray) -> np.ndarray:
     return np.round((pixels - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
+# Bump when load_image's output changes: cached decodes made by older code are then ignored.
+PREPROCESS_VERSION = 1
+CACHE_ENV_VAR = "COVID_XRAY_CACHE"
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV_VAR):
+        return Path(os.environ[CACHE_ENV_VAR])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "covid-xray"
+
+
+class CachedImages:
+    """Decoded images stored one .npy file each, read on access.
+
+    Memory stays flat however large the dataset; indexing with a slice returns a stacked batch.
+    """
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int | slice) -> np.ndarray:
+        if isinstance(index, slice):
+            return np.stack([np.load(f) for f in self.files[index]])
+        return np.load(self.files[index])
+
+
 @dataclass
 class Decoded:
-    """Images of one split decoded once into memory (uint8, N×size×size)."""
+    """The samples of one split that decoded, their cached images, content digests and skipped files."""
 
-    images: np.ndarray
+    images: CachedImages
     samples: list[Sample]
     digests: list[str]
     bad: list[str]  # one-line reasons for skipped files
 
 
-def decode_samples(samples: list[Sample], size: int, *, skip_bad: bool = False, workers: int | None = None) -> Decoded:
-    """Decode and resize every sample once (threads: Pillow releases the GIL while decoding)."""
+def decode_samples(
+    samples: list[Sample],
+    size: int,
+    *,
+    skip_bad: bool = False,
+    cache_dir: Path | None = None,
+    workers: int | None = None,
+) -> Decoded:
+    """Decode and resize every sample once, into a disk cache keyed by file content and preprocessing
+    settings, so later epochs and later runs never decode again. Threads: Pillow releases the GIL."""
+    folder = (cache_dir or default_cache_dir()) / f"size{size}-v{PREPROCESS_VERSION}"
 
-    def one(sample: Sample):
+    def one(sample: Sample) -> tuple[Path | None, str | None, str | None]:
         try:
             data = sample.path.read_bytes()
-            return load_image(data, size), hashlib.sha256(data).hexdigest(), None
+            digest = hashlib.sha256(data).hexdigest()
+            target = folder / digest[:2] / f"{digest}.npy"
+            if not target.exists():
+                _save_atomic(target, load_image(data, size))
+            return target, digest, None
         except ImageError as e:
             return None, None, f"{sample.path}: {str(e).split(': ', 1)[-1]}"
         except OSError as e:
@@ -301,8 +344,16 @@ def decode_samples(samples: list[Sample], size: int, *, skip_bad: bool = False, 
     if bad and not skip_bad:
         raise ImageError(f"{bad[0]} (use --skip-bad-images to skip unreadable files)")
     kept = [(s, r) for s, r in zip(samples, results) if r[2] is None]
-    images = np.stack([r[0] for _, r in kept]) if kept else np.zeros((0, size, size), np.uint8)
-    return Decoded(images, [s for s, _ in kept], [r[1] for _, r in kept], bad)
+    return Decoded(CachedImages([r[0] for _, r in kept]), [s for s, _ in kept], [r[1] for _, r in kept], bad)
+
+
+def _save_atomic(target: Path, array: np.ndarray) -> None:
+    # Several processes (DDP ranks, parallel runs) may fill the same cache: never expose a partial file.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, target)
 
 
 def fingerprint(digests_by_split: dict[str, list[str]], classes: list[str], samples_by_split) -> str:
@@ -331,16 +382,16 @@ def augmentation(size: int):
 class ImageTensors:
     """A torch-style dataset over decoded uint8 images: yields (1×H×W uint8 tensor, label)."""
 
-    def __init__(self, images: np.ndarray, labels: list[int], transform=None):
-        import torch
-
-        self.images = torch.from_numpy(images)
-        self.labels = torch.as_tensor(labels, dtype=torch.long)
+    def __init__(self, images: CachedImages | np.ndarray, labels: list[int], transform=None):
+        self.images = images
+        self.labels = labels
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        x = self.images[i].unsqueeze(0)
+        import torch
+
+        x = torch.from_numpy(self.images[i]).unsqueeze(0)
         return (self.transform(x) if self.transform else x), self.labels[i]

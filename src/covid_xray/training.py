@@ -68,8 +68,55 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process stands in a torchrun job (rank 0 of 1 when run plainly)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        """Join the process group torchrun describes in the environment (gloo on CPU, nccl on GPU)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+    def gather_probs(self, model: nn.Module, images) -> np.ndarray:
+        """Probabilities for the whole split: each rank predicts every world-th image, then all share."""
+        if self.world == 1:
+            return predict_probs(model, images)
+        import torch.distributed as dist
+
+        index = np.arange(self.rank, len(images), self.world)
+        mine = predict_probs(model, np.stack([images[int(i)] for i in index]) if len(index) else images[0:0])
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, (index, mine))
+        probs = np.zeros((len(images), mine.shape[1]), np.float32)
+        for idx, p in parts:
+            probs[idx] = p
+        return probs
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def pick_device(dist: Distributed = Distributed()) -> torch.device:
+    return torch.device(f"cuda:{dist.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -143,13 +190,19 @@ def fit(
     run_dir: Path,
     *,
     resume: bool = False,
+    dist: Distributed = Distributed(),
     log=print,
 ) -> dict[str, Any]:
     """Train with AdamW, warm-up + cosine, label smoothing and class weights; keep the epoch with
-    the lowest validation loss; checkpoint every epoch. Returns the history and best epoch."""
+    the lowest validation loss; checkpoint every epoch. Returns the history and best epoch.
+
+    Under torchrun every rank trains on its share of each epoch (DistributedSampler, DDP) with the
+    global batch size unchanged; validation covers the whole split on every rank, so all ranks make
+    the same early-stopping decision; only rank 0 writes checkpoints."""
+    from torch.nn.parallel import DistributedDataParallel
     from tqdm.auto import tqdm
 
-    device = pick_device()
+    device = pick_device(dist)
     model.to(device).to(memory_format=torch.channels_last)
     n_classes = model.head.out_features
     train_labels = [s.label for s in train.samples]
@@ -163,11 +216,13 @@ def fit(
         [{"params": backbone_params, "lr": cfg.lr * cfg.backbone_lr_scale}, {"params": head_params, "lr": cfg.lr}],
         weight_decay=cfg.weight_decay,
     )
-    steps_per_epoch = math.ceil(len(train_labels) / cfg.batch_size)
+    batch_size = max(1, cfg.batch_size // dist.world)  # per rank: same global batch as one process
+    steps_per_epoch = math.ceil(len(train_labels) / (batch_size * dist.world))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.epochs * steps_per_epoch, max(1, int(cfg.warmup_epochs * steps_per_epoch)))
     )
-    dataset = data_mod.ImageTensors(train.images, train_labels, data_mod.augmentation(train.images.shape[-1]))
+    dataset = data_mod.ImageTensors(train.images, train_labels, data_mod.augmentation(cfg.resolved_size()))
+    sampler = torch.utils.data.DistributedSampler(dataset, dist.world, dist.rank, shuffle=True, seed=cfg.seed)
 
     state: dict[str, Any] = {"epoch": 0, "history": [], "best_epoch": 0, "best_val_loss": float("inf"), "best_state": None}
     checkpoint = run_dir / CHECKPOINT
@@ -181,32 +236,33 @@ def fit(
         state = saved["state"]
         log(f"resuming after epoch {state['epoch']} from {checkpoint}")
     else:
-        warm_up_head(model, train.images, train_labels, cfg, device, loss_fn)
+        warm_up_head(model, train.images, train_labels, cfg, device, loss_fn)  # identical on every rank
+    net = DistributedDataParallel(model) if dist.world > 1 else model
 
     epochs_without_improvement = state["epoch"] - state["best_epoch"]
-    bar = tqdm(range(state["epoch"] + 1, cfg.epochs + 1), desc="epochs", unit="epoch", dynamic_ncols=True)
+    quiet = not dist.main
+    bar = tqdm(range(state["epoch"] + 1, cfg.epochs + 1), desc="epochs", unit="epoch", dynamic_ncols=True, disable=quiet)
     for epoch in bar:
         if epochs_without_improvement >= cfg.patience:
             log(f"early stopping: no validation improvement for {cfg.patience} epochs")
             break
         # Re-seeding per epoch makes a resumed run replay exactly the batches and augmentations it would have.
-        seed_everything(cfg.seed * 1000 + epoch)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        )
-        train_mode(model)
+        seed_everything(cfg.seed * 1000 + epoch + 7919 * dist.rank)
+        sampler.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+        train_mode(net)
         total, seen = 0.0, 0
-        for x, y in tqdm(loader, desc=f"epoch {epoch}", leave=False, unit="batch", dynamic_ncols=True):
+        for x, y in tqdm(loader, desc=f"epoch {epoch}", leave=False, unit="batch", dynamic_ncols=True, disable=quiet):
             x, y = x.to(device), y.to(device)
             with autocast(device, cfg.amp):
-                loss = loss_fn(model(x), y)
+                loss = loss_fn(net(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             total += loss.item() * len(y)
             seen += len(y)
-        probs = predict_probs(model, val.images)
+        probs = dist.gather_probs(model, val.images)
         val_loss = float(-np.log(np.clip(probs[np.arange(len(val_labels)), val_labels], 1e-7, 1)).mean())
         val_acc = float((probs.argmax(1) == val_labels).mean())
         state["history"].append({"epoch": epoch, "train_loss": total / seen, "val_loss": val_loss, "val_accuracy": val_acc})
@@ -217,11 +273,12 @@ def fit(
         else:
             epochs_without_improvement += 1
         bar.set_postfix(loss=f"{total / seen:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{val_acc:.3f}")
-        _save_atomic(
-            {"config": _resume_key(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "state": state},
-            checkpoint,
-        )
+        if dist.main:
+            _save_atomic(
+                {"config": _resume_key(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "state": state},
+                checkpoint,
+            )
     bar.close()
     if state["best_state"] is not None:
         model.load_state_dict(state["best_state"])
@@ -234,15 +291,21 @@ def _resume_key(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, resume: bool = False, log=print) -> dict[str, Any]:
-    """The whole training job. Writes RUN/model (the bundle), metrics.json, report.md, plots, splits.csv."""
+    """The whole training job. Writes RUN/model (the bundle), metrics.json, report.md, plots, splits.csv.
+
+    Under torchrun, all ranks train; rank 0 alone evaluates and writes. Other ranks return {}."""
     started = time.time()
+    dist = Distributed.from_env()
+    if not dist.main:
+        log = lambda message: None  # noqa: E731 - one voice in the log
     run_dir = Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     size = cfg.resolved_size()
 
     dataset = data_mod.discover(data_dir, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, split_seed=cfg.split_seed)
-    dataset.write_splits_csv(run_dir / "splits.csv")
+    if dist.main:
+        dataset.write_splits_csv(run_dir / "splits.csv")
     log(f"data: {dataset.layout} layout, classes {dataset.classes}, " + ", ".join(f"{s} {len(dataset[s])}" for s in data_mod.SPLITS))
     decoded = {s: data_mod.decode_samples(dataset[s], size, skip_bad=cfg.skip_bad_images) for s in data_mod.SPLITS}
     bad = [reason for d in decoded.values() for reason in d.bad]
@@ -250,7 +313,10 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.P
         log(f"skipped unreadable image: {reason}")
 
     model = create_model(cfg.backbone, len(dataset.classes), cfg.weights)
-    fit_result = fit(model, decoded["train"], decoded["val"], cfg, run_dir, resume=resume, log=log)
+    fit_result = fit(model, decoded["train"], decoded["val"], cfg, run_dir, resume=resume, dist=dist, log=log)
+    dist.close()
+    if not dist.main:
+        return {}
     model.cpu()
 
     metrics: dict[str, Any] = {}
@@ -280,7 +346,10 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.P
         "input": "grayscale uint8, N×1×H×W; normalisation inside the model",
         "normalization": {"mean": list(model.mean), "std": list(model.std)},
         "hyperparameters": asdict(cfg),
-        "training": {"best_epoch": fit_result["best_epoch"], "epochs_run": len(fit_result["history"]), "seconds": round(elapsed, 1)},
+        "training": {
+            "best_epoch": fit_result["best_epoch"], "epochs_run": len(fit_result["history"]),
+            "seconds": round(elapsed, 1), "processes": dist.world,
+        },
         "data": data_info,
         "metrics": {split: {"accuracy": m["accuracy"], "macro_auc": m["macro_auc"], "n": m["n"]} for split, m in metrics.items()},
     }
