@@ -203,8 +203,8 @@ def test_bad_image_stops_or_is_skipped_and_counted(tmp_path):
 
 
 def test_decoded_images_are_cached_on_disk_by_content(tmp_path):
-    make_class_tree(tmp_path / "d", per_class=3)
-    samples = discover(tmp_path / "d", val_fraction=0.5, test_fraction=0.34)["train"]
+    make_class_tree(tmp_path / "d", per_class=8)
+    samples = discover(tmp_path / "d")["train"]
     first = decode_samples(samples, 40, cache_dir=tmp_path / "cache")
     files = sorted((tmp_path / "cache").rglob("*.npy"))
     assert len(files) == len(samples) and all(f.parent.parent.name == "size40-v1" for f in files)
