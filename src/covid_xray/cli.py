@@ -94,6 +94,16 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in rows) else 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from .audit import NEAR_THRESHOLD, audit_dataset
+    from .data import discover, resolve_data_dir
+
+    threshold = NEAR_THRESHOLD if args.near_threshold is None else args.near_threshold
+    report = audit_dataset(discover(resolve_data_dir(args.data or args.data_option)), near_threshold=threshold)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_markdown(heading="#"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -133,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON array, an object per image")
     p.add_argument("--out", help="write predictions to this CSV file")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("audit", help="check a dataset: duplicates, leakage between splits, unreadable files, shortcuts")
+    p.add_argument("data", nargs="?", help="dataset folder or CSV manifest (default: $COVID_XRAY_DATA, then ./data/Covid19-dataset)")
+    # --data too, as in train and evaluate (and as the dataset-not-found message suggests).
+    p.add_argument("--data", dest="data_option", help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", help="print the audit as JSON")
+    # The default lives in audit.NEAR_THRESHOLD; importing it here would slow every command's start.
+    p.add_argument("--near-threshold", type=int, metavar="BITS",
+                   help="near duplicates: perceptual hashes at most this many of 256 bits apart (default 32)")
+    p.set_defaults(func=_audit)
     return parser
 
 
