@@ -382,11 +382,12 @@ def masked_probe(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray
     """Accuracy on the images as they are, with the central lung field hidden, and with only it shown.
 
     `predict` maps uint8 N×S×S images to N×C probabilities (e.g. `Predictor.probabilities`). Hidden
-    parts are filled with each image's mean grey, so no new edge or intensity is introduced.
+    parts are filled with one grey, the mean over all the images: a per-image fill would carry each
+    image's brightness, and so possibly its class, into the hidden part.
     """
     y = np.asarray(labels)
     inside = lung_field_mask(images.shape[-1])
-    fill = images.reshape(len(images), -1).mean(axis=1).round().astype(np.uint8)[:, None, None]
+    fill = np.uint8(round(float(images.mean())))
     variants = {
         "full": images,
         "centre_hidden": np.where(inside, fill, images),
