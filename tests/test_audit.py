@@ -128,7 +128,7 @@ def test_masked_probe_tells_border_cues_from_lung_cues():
 
     border = masked_probe(from_region(~inside), images, labels.tolist())
     assert border["full"] == border["centre_hidden"] == 1.0 and border["majority_rate"] == 0.5
-    assert "borders, text markers" in masked_explanation(border)
+    assert "corners with text markers" in masked_explanation(border)
     lungs = masked_probe(from_region(inside), images, labels.tolist())
     assert lungs["full"] == lungs["centre_only"] == 1.0 and lungs["centre_hidden"] == 0.5
     assert "mainly uses the lungs" in masked_explanation(lungs)

@@ -112,6 +112,11 @@ class AuditReport:
         """The same bytes filed under two or more classes: at least one label is wrong."""
         return [g for g in self.exact_groups if len({f.label for f in g}) > 1]
 
+    @property
+    def near_label_conflicts(self) -> list[NearPair]:
+        """Near copies under different labels: the same film relabelled, or (rarely) two similar films."""
+        return [p for p in self.near_pairs if p.a.label != p.b.label]
+
     def rel(self, path: Path) -> str:
         try:
             return path.relative_to(self.root).as_posix()
@@ -154,6 +159,7 @@ class AuditReport:
                 for p in self.near_pairs
             ],
             "label_conflicts": [[entry(f) for f in g] for g in self.label_conflicts],
+            "near_label_conflicts": [[entry(p.a), entry(p.b)] for p in self.near_label_conflicts],
             "leaked_test": [
                 {"path": self.rel(leak.path), "kind": leak.kind, "copies": [self.rel(c) for c in leak.copies],
                  "distance": leak.distance}
@@ -246,7 +252,7 @@ def _exact_groups(files: list[FileInfo]) -> list[list[FileInfo]]:
     return sorted((g for g in by_hash.values() if len(g) > 1), key=lambda g: [str(f.path) for f in g])
 
 
-def _near_pairs(files: list[FileInfo], threshold: int, chunk: int = 1024) -> list[NearPair]:
+def _near_pairs(files: list[FileInfo], threshold: int, chunk: int = 256) -> list[NearPair]:
     """All pairs with different bytes and perceptual hashes within `threshold` bits (all pairs compared)."""
     if len(files) < 2:
         return []
@@ -372,10 +378,10 @@ def probe_explanation(probe: ProbeResult) -> str:
 
 
 def lung_field_mask(size: int) -> np.ndarray:
-    """True inside a central ellipse (60% of the width, 70% of the height) that covers both lungs of a
-    centred PA film and excludes borders, corner text markers and the image edge."""
+    """True inside a centred ellipse spanning 84% of the width and height: it covers both lungs of a
+    typical PA film and leaves out the corners (where text markers sit), the edges and the shoulders."""
     yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
-    return ((xx - 0.5) / 0.30) ** 2 + ((yy - 0.5) / 0.35) ** 2 <= 1.0
+    return ((xx - 0.5) / 0.42) ** 2 + ((yy - 0.5) / 0.42) ** 2 <= 1.0
 
 
 def masked_probe(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, labels: list[int]) -> dict[str, float]:
@@ -400,18 +406,26 @@ def masked_probe(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray
 
 
 def masked_explanation(probe: dict[str, float]) -> str:
+    """What the masked probe's numbers suggest, in plain words."""
     full, hidden, only, majority = probe["full"], probe["centre_hidden"], probe["centre_only"], probe["majority_rate"]
-    numbers = (f"accuracy {full:.1%} on the full images, {hidden:.1%} with the central lung field hidden, "
-               f"{only:.1%} with only the lung field shown (majority-class rate {majority:.1%})")
-    if hidden - majority >= 0.5 * (full - majority) and hidden - majority >= 0.1:
-        return (f"{numbers.capitalize()}. The model still classifies well without seeing the lungs: it relies "
-                "substantially on borders, text markers, collimation or image geometry — a shortcut that will "
-                "not carry over to X-rays from other hospitals.")
-    if only - majority >= 0.5 * (full - majority):
-        return (f"{numbers.capitalize()}. Most of the accuracy survives with only the lung field visible and "
-                "falls towards chance without it: the model mainly uses the lungs.")
-    return (f"{numbers.capitalize()}. Neither part alone carries the accuracy; the model combines the lung "
-            "field with its surroundings.")
+    numbers = (f"Accuracy {full:.1%} on the full images, {hidden:.1%} with the central lung field hidden, "
+               f"{only:.1%} with only the lung field shown (majority-class rate {majority:.1%}). ")
+    surroundings = "corners with text markers, borders, collimation, shoulders, image geometry"
+    gain_full, gain_hidden, gain_only = full - majority, hidden - majority, only - majority
+    if gain_hidden >= 0.1 and gain_hidden >= 0.5 * gain_full:
+        verdict = (f"The model still classifies well without seeing the lung field: it relies substantially on what "
+                   f"lies around it ({surroundings}), a shortcut unlikely to carry over to X-rays from other hospitals.")
+    elif gain_hidden >= 0.1:
+        verdict = (f"With the lung field hidden it still scores well above chance: the surroundings ({surroundings}) "
+                   "carry class information that the model uses alongside the lungs, and that part may not carry "
+                   "over to X-rays from other hospitals.")
+    elif gain_only >= 0.5 * gain_full:
+        verdict = ("Without the lung field it falls to chance and with only the lung field it keeps most of its "
+                   "accuracy: the model mainly uses the lungs.")
+    else:
+        verdict = "Neither part alone carries the accuracy: the model needs the whole image."
+    return numbers + verdict + (" (Masked images look unlike any training image, so both masked accuracies "
+                                "understate what each part carries.)")
 
 
 # --- Markdown -------------------------------------------------------------------------------------
@@ -430,7 +444,7 @@ def _markdown(r: AuditReport, h: str) -> str:
         f"- exact duplicates (same SHA-256): {len(r.exact_groups)} groups, {len(cross)} of them across splits",
         f"- near duplicates (perceptual hash within {r.near_threshold} of {HASH_SIZE ** 2} bits): "
         f"{len(r.near_pairs)} pairs, {len(near_cross)} of them across splits",
-        f"- the same image under two labels: {len(r.label_conflicts)}",
+        f"- the same image under two labels: {len(r.label_conflicts)} exact, {len(r.near_label_conflicts)} near",
         f"- **test images that are copies of training/validation images: {len(r.leaks)}** "
         f"({exact_leaks} exact, {len(r.leaks) - exact_leaks} near)",
     ]
