@@ -148,7 +148,7 @@ def test_audit_command(planted, tmp_path):
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "dataset not found" in missing.stderr
 
 
-def test_training_reports_metrics_with_and_without_leaked_images(planted, tmp_path):
+def test_training_and_evaluate_report_metrics_with_and_without_leaked_images(planted, tmp_path):
     from covid_xray.training import TrainConfig, train_run
 
     data = tmp_path / "data"
@@ -169,6 +169,14 @@ def test_training_reports_metrics_with_and_without_leaked_images(planted, tmp_pa
                     "### Shortcut probe: metadata only"):
         assert heading in report
     assert json.loads((tmp_path / "run/audit.json").read_text())["leaked_test"]
+
+    evaluated = _cli("evaluate", tmp_path / "run/model", "--data", data, "--json", "--bootstrap", "20")
+    assert evaluated.returncode == 0, evaluated.stderr
+    dedup = json.loads(evaluated.stdout)["dedup"]
+    assert dedup["n"] == 8 and dedup["accuracy"] == metrics["test_dedup"]["accuracy"]
+    assert dedup["excluded"] == metrics["test_dedup"]["excluded"]
+    table = _cli("evaluate", tmp_path / "run/model", "--data", data, "--bootstrap", "20").stdout
+    assert "without the 2 test images that are copies of training/validation images" in table
 
 
 KAGGLE_EXACT_COPIES = ["COVID-00003b.jpg", "COVID-00012.jpg", "COVID-00022.jpg", "COVID-00033.jpg", "COVID-00037.jpg",

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import Dataset, is_dicom, load_image
+from .data import Dataset, Sample, is_dicom, load_image
 from .errors import ImageError
 
 # phash over a 16×16 DCT block (256 bits). On chest films the 64-bit default puts different patients
@@ -200,6 +200,22 @@ def audit_dataset(dataset: Dataset, *, near_threshold: int = NEAR_THRESHOLD, pro
 def leaked_test_paths(report: AuditReport) -> set[Path]:
     """Test images that are exact or near copies of a training or validation image."""
     return {leak.path for leak in report.leaks}
+
+
+def metrics_without_leaks(
+    samples: list[Sample], probs: np.ndarray, report: AuditReport, *, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any] | None:
+    """Test metrics (as `evaluation.compute_metrics`) on the images that are not copies of training or
+    validation images, plus `excluded`: the paths left out. None when nothing would be left."""
+    from .evaluation import compute_metrics
+
+    leaked = leaked_test_paths(report)
+    keep = [i for i, s in enumerate(samples) if s.path not in leaked]
+    if not keep:
+        return None
+    metrics = compute_metrics([samples[i].label for i in keep], probs[keep], report.classes, n_boot=n_boot, seed=seed)
+    metrics["excluded"] = sorted(report.rel(s.path) for s in samples if s.path in leaked)
+    return metrics
 
 
 def inspect_file(path: Path, split: str, label: str) -> FileInfo:

@@ -268,7 +268,9 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.P
         probs[split] = predict_probs(model, decoded[split].images)
         metrics[split] = evaluation.compute_metrics(y, probs[split], dataset.classes, n_boot=cfg.bootstrap, seed=cfg.seed)
         plots += evaluation.write_plots(run_dir, split, y, probs[split], dataset.classes, metrics[split])
-    test_dedup = _metrics_without_leaks(decoded["test"], probs["test"], audit_report, cfg)
+    test_dedup = audit.metrics_without_leaks(
+        decoded["test"].samples, probs["test"], audit_report, n_boot=cfg.bootstrap, seed=cfg.seed
+    )
     if test_dedup:
         metrics["test_dedup"] = test_dedup
     metrics["test_masked"] = audit.masked_probe(
@@ -317,21 +319,6 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.P
     for line in lines + [f"train_seconds={elapsed:.1f}"]:
         log(line)
     return {"run_dir": run_dir, "report": report, "metrics": metrics, "config": config}
-
-
-def _metrics_without_leaks(
-    test: data_mod.Decoded, probs: np.ndarray, audit_report: audit.AuditReport, cfg: TrainConfig
-) -> dict[str, Any] | None:
-    """Test metrics on the images that are not copies of training/validation images, with the excluded
-    paths; None when nothing would be left to evaluate."""
-    leaked = audit.leaked_test_paths(audit_report)
-    keep = [i for i, s in enumerate(test.samples) if s.path not in leaked]
-    if not keep:
-        return None
-    y = [test.samples[i].label for i in keep]
-    metrics = evaluation.compute_metrics(y, probs[keep], audit_report.classes, n_boot=cfg.bootstrap, seed=cfg.seed)
-    metrics["excluded"] = sorted(audit_report.rel(s.path) for s in test.samples if s.path in leaked)
-    return metrics
 
 
 def write_report(
