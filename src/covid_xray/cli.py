@@ -55,6 +55,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from .audit import audit_dataset, metrics_without_leaks
     from .bundle import load_bundle
     from .data import decode_samples, discover, resolve_data_dir
     from .evaluation import compute_metrics, confusion_table, metrics_table
@@ -70,12 +71,20 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise CovidXrayError(f"the data's classes {dataset.classes} differ from the bundle's {config['classes']}")
     decoded = decode_samples(dataset[args.split], config["input_size"], skip_bad=args.skip_bad_images)
     y = [s.label for s in decoded.samples]
-    metrics = compute_metrics(y, predict_probs(model, decoded.images), dataset.classes, n_boot=args.bootstrap)
+    probs = predict_probs(model, decoded.images)
+    metrics = compute_metrics(y, probs, dataset.classes, n_boot=args.bootstrap)
     metrics["skipped_images"] = decoded.bad
+    if args.split == "test":  # copies of training images in test inflate every metric: report both
+        report = audit_dataset(dataset, probe=False)
+        metrics["dedup"] = metrics_without_leaks(decoded.samples, probs, report, n_boot=args.bootstrap)
     if args.json:
         print(json.dumps(metrics, indent=2))
-    else:
-        print(f"{args.split} split of {args.data or 'the dataset'}\n\n{metrics_table(metrics)}\n\n{confusion_table(metrics, dataset.classes)}")
+        return 0
+    print(f"{args.split} split of {args.data or 'the dataset'}\n\n{metrics_table(metrics)}\n\n{confusion_table(metrics, dataset.classes)}")
+    dedup = metrics.get("dedup")
+    if dedup and dedup["excluded"]:
+        print(f"\nwithout the {len(dedup['excluded'])} test images that are copies of training/validation images "
+              f"(covid-xray audit lists them)\n\n{metrics_table(dedup)}\n\n{confusion_table(dedup, dataset.classes)}")
     return 0
 
 
@@ -118,6 +127,16 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in rows) else 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from .audit import NEAR_THRESHOLD, audit_dataset
+    from .data import discover, resolve_data_dir
+
+    threshold = NEAR_THRESHOLD if args.near_threshold is None else args.near_threshold
+    report = audit_dataset(discover(resolve_data_dir(args.data or args.data_option)), near_threshold=threshold)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_markdown(heading="#"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -158,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON array, an object per image")
     p.add_argument("--out", help="write predictions to this CSV file")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("audit", help="check a dataset: duplicates, leakage between splits, unreadable files, shortcuts")
+    p.add_argument("data", nargs="?", help="dataset folder or CSV manifest (default: $COVID_XRAY_DATA, then ./data/Covid19-dataset)")
+    # --data too, as in train and evaluate (and as the dataset-not-found message suggests).
+    p.add_argument("--data", dest="data_option", help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", help="print the audit as JSON")
+    # The default lives in audit.NEAR_THRESHOLD; importing it here would slow every command's start.
+    p.add_argument("--near-threshold", type=int, metavar="BITS",
+                   help="near duplicates: perceptual hashes at most this many of 256 bits apart (default 32)")
+    p.set_defaults(func=_audit)
     return parser
 
 

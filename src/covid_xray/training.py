@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import audit
 from . import data as data_mod
 from . import evaluation
 from .bundle import save_bundle
@@ -307,6 +308,12 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.P
     if dist.main:
         dataset.write_splits_csv(run_dir / "splits.csv")
     log(f"data: {dataset.layout} layout, classes {dataset.classes}, " + ", ".join(f"{s} {len(dataset[s])}" for s in data_mod.SPLITS))
+    audit_report = audit.audit_dataset(dataset, seed=cfg.seed)
+    (run_dir / "audit.json").write_text(json.dumps(audit_report.to_dict(), indent=2))
+    leaked = audit.leaked_test_paths(audit_report)
+    if leaked:
+        log(f"warning: {len(leaked)} test images are exact or near copies of training/validation images; "
+            "test metrics are reported with and without them (audit.json lists them)")
     decoded = {s: data_mod.decode_samples(dataset[s], size, skip_bad=cfg.skip_bad_images) for s in data_mod.SPLITS}
     bad = [reason for d in decoded.values() for reason in d.bad]
     for reason in bad:
@@ -321,11 +328,20 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.P
 
     metrics: dict[str, Any] = {}
     plots = []
+    probs = {}
     for split in ("val", "test"):
         y = [s.label for s in decoded[split].samples]
-        probs = predict_probs(model, decoded[split].images)
-        metrics[split] = evaluation.compute_metrics(y, probs, dataset.classes, n_boot=cfg.bootstrap, seed=cfg.seed)
-        plots += evaluation.write_plots(run_dir, split, y, probs, dataset.classes, metrics[split])
+        probs[split] = predict_probs(model, decoded[split].images)
+        metrics[split] = evaluation.compute_metrics(y, probs[split], dataset.classes, n_boot=cfg.bootstrap, seed=cfg.seed)
+        plots += evaluation.write_plots(run_dir, split, y, probs[split], dataset.classes, metrics[split])
+    test_dedup = audit.metrics_without_leaks(
+        decoded["test"].samples, probs["test"], audit_report, n_boot=cfg.bootstrap, seed=cfg.seed
+    )
+    if test_dedup:
+        metrics["test_dedup"] = test_dedup
+    metrics["test_masked"] = audit.masked_probe(
+        lambda images: predict_probs(model, images), decoded["test"].images, [s.label for s in decoded["test"].samples]
+    )
     evaluation.plot_learning_curves(fit_result["history"], fit_result["best_epoch"], run_dir / "learning_curves.png")
     plots.append("learning_curves.png")
 
@@ -335,6 +351,12 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.P
         "carved_splits": dataset.carved,
         "counts": {s: len(decoded[s].samples) for s in data_mod.SPLITS},
         "skipped_images": bad,
+        "audit": {
+            "exact_duplicate_groups": len(audit_report.exact_groups),
+            "near_duplicate_pairs": len(audit_report.near_pairs),
+            "leaked_test_images": len(leaked),
+            "metadata_probe": audit_report.probe.to_dict() if audit_report.probe else None,
+        },
         "fingerprint": data_mod.fingerprint(
             {s: decoded[s].digests for s in data_mod.SPLITS}, dataset.classes, {s: decoded[s].samples for s in data_mod.SPLITS}
         ),
@@ -351,18 +373,27 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.P
             "seconds": round(elapsed, 1), "processes": dist.world,
         },
         "data": data_info,
-        "metrics": {split: {"accuracy": m["accuracy"], "macro_auc": m["macro_auc"], "n": m["n"]} for split, m in metrics.items()},
+        "metrics": {
+            split: {"accuracy": metrics[split]["accuracy"], "macro_auc": metrics[split]["macro_auc"], "n": metrics[split]["n"]}
+            for split in ("val", "test", "test_dedup") if split in metrics
+        },
     }
     save_bundle(run_dir / "model", model, config)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    report = write_report(run_dir, config, metrics, fit_result, plots)
+    report = write_report(run_dir, config, metrics, fit_result, plots, audit_report)
     (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the run is complete; the bundle holds the result
-    for line in evaluation.summary_lines(metrics["test"], "test") + [f"train_seconds={elapsed:.1f}"]:
+    lines = evaluation.summary_lines(metrics["test"], "test")
+    if "test_dedup" in metrics:
+        lines += evaluation.summary_lines(metrics["test_dedup"], "test_dedup")
+    for line in lines + [f"train_seconds={elapsed:.1f}"]:
         log(line)
     return {"run_dir": run_dir, "report": report, "metrics": metrics, "config": config}
 
 
-def write_report(run_dir: Path, config: dict[str, Any], metrics: dict[str, Any], fit_result: dict[str, Any], plots: list[str]) -> Path:
+def write_report(
+    run_dir: Path, config: dict[str, Any], metrics: dict[str, Any], fit_result: dict[str, Any], plots: list[str],
+    audit_report: audit.AuditReport,
+) -> Path:
     classes = config["classes"]
     d = config["data"]
     hp = config["hyperparameters"]
@@ -386,6 +417,13 @@ def write_report(run_dir: Path, config: dict[str, Any], metrics: dict[str, Any],
         "",
         "![confusion](confusion_test.png) ![roc](roc_test.png)",
         "",
+        *_dedup_section(metrics, classes),
+        "## Shortcut probe: masked lung field",
+        "",
+        audit.masked_explanation(metrics["test_masked"]),
+        "",
+        audit_report.to_markdown(heading="##"),
+        "",
         "## Validation results (used for model selection, so optimistic)",
         evaluation.metrics_table(metrics["val"]),
         "",
@@ -402,3 +440,25 @@ def write_report(run_dir: Path, config: dict[str, Any], metrics: dict[str, Any],
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _dedup_section(metrics: dict[str, Any], classes: list[str]) -> list[str]:
+    dedup = metrics.get("test_dedup")
+    if dedup is None:
+        return ["## Test results without leaked images", "", "Every test image is a copy of a training image: "
+                "there is no honest test set.", ""]
+    if not dedup["excluded"]:
+        return ["No test image is a copy of a training or validation image (see the dataset audit below).", ""]
+    return [
+        "## Test results without leaked images",
+        "",
+        f"{len(dedup['excluded'])} test images are exact or near copies of training/validation images; a model can "
+        "recognise those instead of classifying them. Without them:",
+        "",
+        evaluation.metrics_table(dedup),
+        "",
+        evaluation.confusion_table(dedup, classes),
+        "",
+        "Left out: " + ", ".join(f"`{p}`" for p in dedup["excluded"]),
+        "",
+    ]

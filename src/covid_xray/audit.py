@@ -1,0 +1,505 @@
+"""Dataset audit: duplicates and leakage between splits, unreadable files, image properties per class,
+and shortcut probes (can trivial image properties, or the image outside the lungs, predict the class?).
+
+Every file is read once: its bytes give the SHA-256 (exact copies) and a 64×64 grayscale thumbnail
+gives a 256-bit perceptual hash (near copies: re-encoded, resized or contrast-changed versions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import Dataset, Sample, is_dicom, load_image
+from .errors import ImageError
+
+# phash over a 16×16 DCT block (256 bits). On chest films the 64-bit default puts different patients
+# within 4 bits of each other; at 256 bits the Kaggle set's true near copies are ≤ 24 bits apart and
+# distinct films ≥ 60, so 32 sits in the gap.
+HASH_SIZE = 16
+NEAR_THRESHOLD = 32
+THUMBNAIL = HASH_SIZE * 4  # phash's own working resolution: decoding straight to it skips a resample
+PROBE_FEATURES = ("width", "height", "aspect ratio", "mode", "format", "file size", "mean intensity", "std intensity")
+INTENSITY_FEATURES = ("mean intensity", "std intensity")
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What the audit learns from one file; `error` is set (and the rest empty) when it is unreadable."""
+
+    path: Path
+    split: str
+    label: str
+    sha256: str = ""
+    phash: np.ndarray | None = field(default=None, compare=False, repr=False)  # HASH_SIZE² bools
+    width: int = 0
+    height: int = 0
+    mode: str = ""
+    format: str = ""
+    size_bytes: int = 0
+    mean: float = 0.0
+    std: float = 0.0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class NearPair:
+    a: FileInfo
+    b: FileInfo
+    distance: int  # Hamming distance between the perceptual hashes, in bits
+
+
+@dataclass(frozen=True)
+class Leak:
+    """A test image that is an exact or near copy of an image the model trained or was selected on."""
+
+    path: Path
+    kind: str  # "exact" or "near"
+    copies: tuple[Path, ...]
+    distance: int  # 0 for exact copies
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    accuracy: float  # all trivial properties
+    storage_accuracy: float  # storage properties only (no intensity): these carry no medical information
+    majority_rate: float
+    n: int
+    folds: int
+    p_value: float  # one-sided binomial test of `accuracy` against the majority rate
+    storage_p_value: float
+    importances: dict[str, float]  # per feature, summed over one-hot columns
+    verdict: str  # "none", "weak" or "strong"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "accuracy": round(self.accuracy, 4), "storage_only_accuracy": round(self.storage_accuracy, 4),
+            "majority_rate": round(self.majority_rate, 4), "n": self.n, "folds": self.folds,
+            "p_value": float(f"{self.p_value:.3g}"), "storage_only_p_value": float(f"{self.storage_p_value:.3g}"),
+            "importances": {k: round(v, 3) for k, v in self.importances.items()}, "verdict": self.verdict,
+        }
+
+
+@dataclass
+class AuditReport:
+    root: Path
+    layout: str
+    classes: list[str]
+    files: list[FileInfo]
+    exact_groups: list[list[FileInfo]]  # files sharing one SHA-256, two or more per group
+    near_pairs: list[NearPair]  # different bytes, perceptual hashes within near_threshold
+    leaks: list[Leak]
+    probe: ProbeResult | None
+    probe_skipped: str | None  # why the probe could not run (too few images per class)
+    near_threshold: int
+
+    @property
+    def unreadable(self) -> list[FileInfo]:
+        return [f for f in self.files if f.error]
+
+    @property
+    def label_conflicts(self) -> list[list[FileInfo]]:
+        """The same bytes filed under two or more classes: at least one label is wrong."""
+        return [g for g in self.exact_groups if len({f.label for f in g}) > 1]
+
+    @property
+    def near_label_conflicts(self) -> list[NearPair]:
+        """Near copies under different labels: the same film relabelled, or (rarely) two similar films."""
+        return [p for p in self.near_pairs if p.a.label != p.b.label]
+
+    def rel(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
+    def per_class(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for c in self.classes:
+            readable = [f for f in self.files if f.label == c and not f.error]
+            out[c] = {
+                "images": len(readable),
+                "formats": dict(Counter(f.format for f in readable).most_common()),
+                "modes": dict(Counter(f.mode for f in readable).most_common()),
+                "sizes": dict(Counter(f"{f.width}x{f.height}" for f in readable).most_common()),
+                "median_kb": round(statistics.median(f.size_bytes for f in readable) / 1024, 1) if readable else None,
+                "mean_intensity": round(statistics.fmean(f.mean for f in readable), 1) if readable else None,
+            }
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        def entry(f: FileInfo) -> dict[str, str]:
+            return {"path": self.rel(f.path), "split": f.split, "label": f.label}
+
+        return {
+            "root": str(self.root),
+            "layout": self.layout,
+            "files": len(self.files),
+            "splits": dict(Counter(f.split for f in self.files)),
+            "near_threshold_bits": self.near_threshold,
+            "hash": f"phash {HASH_SIZE}x{HASH_SIZE} ({HASH_SIZE ** 2} bits)",
+            "unreadable": [{"path": self.rel(f.path), "error": f.error} for f in self.unreadable],
+            "exact_duplicates": [
+                {"sha256": g[0].sha256, "files": [entry(f) for f in g], "cross_split": _cross_split(g),
+                 "labels": sorted({f.label for f in g})}
+                for g in self.exact_groups
+            ],
+            "near_duplicates": [
+                {"a": entry(p.a), "b": entry(p.b), "distance": p.distance, "cross_split": p.a.split != p.b.split}
+                for p in self.near_pairs
+            ],
+            "label_conflicts": [[entry(f) for f in g] for g in self.label_conflicts],
+            "near_label_conflicts": [[entry(p.a), entry(p.b)] for p in self.near_label_conflicts],
+            "leaked_test": [
+                {"path": self.rel(leak.path), "kind": leak.kind, "copies": [self.rel(c) for c in leak.copies],
+                 "distance": leak.distance}
+                for leak in self.leaks
+            ],
+            "per_class": self.per_class(),
+            "metadata_probe": self.probe.to_dict() if self.probe else {"skipped": self.probe_skipped},
+        }
+
+    def to_markdown(self, heading: str = "##") -> str:
+        return _markdown(self, heading)
+
+
+# --- the audit -----------------------------------------------------------------------------------
+
+
+def audit_dataset(dataset: Dataset, *, near_threshold: int = NEAR_THRESHOLD, probe: bool = True, seed: int = 0) -> AuditReport:
+    """Audit every file of every split of a discovered dataset."""
+    samples = [(s.path, split, dataset.classes[s.label]) for split, items in dataset.splits.items() for s in items]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
+        files = list(pool.map(lambda t: inspect_file(*t), samples))
+    readable = [f for f in files if not f.error]
+    exact_groups = _exact_groups(readable)
+    near_pairs = _near_pairs(readable, near_threshold)
+    probe_result, skipped = None, None
+    if probe:
+        try:
+            probe_result = metadata_probe(readable, seed=seed)
+        except ValueError as e:
+            skipped = str(e)
+    return AuditReport(
+        root=dataset.root, layout=dataset.layout, classes=list(dataset.classes), files=files,
+        exact_groups=exact_groups, near_pairs=near_pairs, leaks=_leaks(exact_groups, near_pairs),
+        probe=probe_result, probe_skipped=skipped, near_threshold=near_threshold,
+    )
+
+
+def leaked_test_paths(report: AuditReport) -> set[Path]:
+    """Test images that are exact or near copies of a training or validation image."""
+    return {leak.path for leak in report.leaks}
+
+
+def metrics_without_leaks(
+    samples: list[Sample], probs: np.ndarray, report: AuditReport, *, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any] | None:
+    """Test metrics (as `evaluation.compute_metrics`) on the images that are not copies of training or
+    validation images, plus `excluded`: the paths left out. None when nothing would be left."""
+    from .evaluation import compute_metrics
+
+    leaked = leaked_test_paths(report)
+    keep = [i for i, s in enumerate(samples) if s.path not in leaked]
+    if not keep:
+        return None
+    metrics = compute_metrics([samples[i].label for i in keep], probs[keep], report.classes, n_boot=n_boot, seed=seed)
+    metrics["excluded"] = sorted(report.rel(s.path) for s in samples if s.path in leaked)
+    return metrics
+
+
+def inspect_file(path: Path, split: str, label: str) -> FileInfo:
+    """Read one file once: hashes, header properties and thumbnail statistics."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return FileInfo(path, split, label, error=f"cannot read file ({e.strerror or e})")
+    try:
+        thumb = load_image(data, THUMBNAIL)
+        width, height, mode, fmt = _header(data)
+    except ImageError as e:
+        return FileInfo(path, split, label, error=str(e).split(": ", 1)[-1])
+    return FileInfo(
+        path, split, label, sha256=hashlib.sha256(data).hexdigest(), phash=_phash(thumb),
+        width=width, height=height, mode=mode, format=fmt, size_bytes=len(data),
+        mean=float(thumb.mean()), std=float(thumb.std()),
+    )
+
+
+def _header(data: bytes) -> tuple[int, int, str, str]:
+    """Width, height, mode and format as stored (not as decoded): these are what a shortcut would use."""
+    if is_dicom(data):
+        import pydicom
+
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        mode = f"{getattr(ds, 'PhotometricInterpretation', '?')} {getattr(ds, 'BitsStored', '?')}-bit"
+        return int(ds.Columns), int(ds.Rows), mode, "DICOM"
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:  # reads the header only
+        return img.width, img.height, img.mode, img.format or "?"
+
+
+def _phash(thumb: np.ndarray) -> np.ndarray:
+    import imagehash
+    from PIL import Image
+
+    return imagehash.phash(Image.fromarray(thumb), hash_size=HASH_SIZE).hash.flatten()
+
+
+def _cross_split(group: list[FileInfo]) -> bool:
+    return len({f.split for f in group}) > 1
+
+
+def _exact_groups(files: list[FileInfo]) -> list[list[FileInfo]]:
+    by_hash: dict[str, list[FileInfo]] = defaultdict(list)
+    for f in files:
+        by_hash[f.sha256].append(f)
+    return sorted((g for g in by_hash.values() if len(g) > 1), key=lambda g: [str(f.path) for f in g])
+
+
+def _near_pairs(files: list[FileInfo], threshold: int, chunk: int = 256) -> list[NearPair]:
+    """All pairs with different bytes and perceptual hashes within `threshold` bits (all pairs compared)."""
+    if len(files) < 2:
+        return []
+    bits = np.stack([f.phash for f in files]).astype(np.float32)
+    inverse = 1.0 - bits
+    pairs = []
+    for start in range(0, len(files), chunk):  # rows in chunks: memory stays O(chunk · n) for large sets
+        block = bits[start : start + chunk]
+        distance = block @ inverse.T + (1.0 - block) @ bits.T  # Hamming distance as two matrix products
+        for i, j in zip(*np.nonzero(distance <= threshold)):
+            a, b = start + int(i), int(j)
+            if a < b and files[a].sha256 != files[b].sha256:
+                pairs.append(NearPair(files[a], files[b], int(round(distance[i, j]))))
+    return sorted(pairs, key=lambda p: (p.distance, str(p.a.path), str(p.b.path)))
+
+
+def _leaks(exact_groups: list[list[FileInfo]], near_pairs: list[NearPair]) -> list[Leak]:
+    """Test files with an exact or near copy in train or val; an exact copy takes precedence."""
+    copies: dict[Path, dict[str, Any]] = {}
+    for group in exact_groups:
+        seen = [f.path for f in group if f.split != "test"]
+        for f in group:
+            if f.split == "test" and seen:
+                copies[f.path] = {"kind": "exact", "copies": seen, "distance": 0}
+    for pair in near_pairs:
+        for test, other in ((pair.a, pair.b), (pair.b, pair.a)):
+            if test.split != "test" or other.split == "test" or copies.get(test.path, {}).get("kind") == "exact":
+                continue
+            entry = copies.setdefault(test.path, {"kind": "near", "copies": [], "distance": pair.distance})
+            entry["copies"].append(other.path)
+            entry["distance"] = min(entry["distance"], pair.distance)
+    return [Leak(p, e["kind"], tuple(e["copies"]), e["distance"]) for p, e in sorted(copies.items())]
+
+
+# --- shortcut probe 1: metadata only -------------------------------------------------------------
+
+
+def metadata_probe(files: list[FileInfo], *, folds: int = 5, seed: int = 0) -> ProbeResult:
+    """Cross-validated accuracy of a random forest that sees only trivial image properties, once with
+    all of them and once with the storage properties alone (intensity can reflect disease; storage cannot).
+
+    Exact duplicates are dropped first so that a copy in another fold cannot inflate the score.
+    Raises ValueError when a class has too few distinct images for two folds.
+    """
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.model_selection import StratifiedKFold
+
+    distinct = list({f.sha256: f for f in files if not f.error}.values())
+    labels = np.array([f.label for f in distinct])
+    counts = Counter(labels.tolist())
+    folds = min(folds, min(counts.values(), default=0))
+    if len(counts) < 2 or folds < 2:
+        raise ValueError(f"too few distinct images per class for a cross-validated probe ({dict(counts)})")
+    x, columns = _probe_features(distinct)
+    forest = RandomForestClassifier(n_estimators=100, min_samples_leaf=2, random_state=seed, n_jobs=1)
+    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    majority = max(counts.values()) / len(labels)
+    accuracy, p_value = _cv_accuracy(forest, x, labels, cv, majority)
+    storage = np.array([c not in INTENSITY_FEATURES for c in columns])
+    storage_accuracy, storage_p_value = _cv_accuracy(forest, x[:, storage], labels, cv, majority)
+    importances: dict[str, float] = defaultdict(float)
+    for column, value in zip(columns, forest.fit(x, labels).feature_importances_):
+        importances[column] += float(value)
+    return ProbeResult(
+        accuracy=accuracy, storage_accuracy=storage_accuracy, majority_rate=majority, n=len(labels), folds=folds,
+        p_value=p_value, storage_p_value=storage_p_value,
+        importances=dict(sorted(importances.items(), key=lambda kv: -kv[1])),
+        verdict=_probe_verdict(accuracy, majority, p_value),
+    )
+
+
+def _cv_accuracy(model, x: np.ndarray, labels: np.ndarray, cv, majority: float) -> tuple[float, float]:
+    """Cross-validated accuracy and its one-sided binomial p-value against the majority rate."""
+    from scipy.stats import binomtest
+    from sklearn.model_selection import cross_val_predict
+
+    correct = int((cross_val_predict(model, x, labels, cv=cv) == labels).sum())
+    return correct / len(labels), float(binomtest(correct, len(labels), majority, alternative="greater").pvalue)
+
+
+def _probe_features(files: list[FileInfo]) -> tuple[np.ndarray, list[str]]:
+    """Numeric columns plus one-hot mode and format; `columns` names each column's feature."""
+    modes = sorted({f.mode for f in files})
+    formats = sorted({f.format for f in files})
+    rows = [
+        [f.width, f.height, f.width / max(f.height, 1), np.log(max(f.size_bytes, 1)), f.mean, f.std]
+        + [f.mode == m for m in modes] + [f.format == m for m in formats]
+        for f in files
+    ]
+    columns = ["width", "height", "aspect ratio", "file size", "mean intensity", "std intensity"]
+    columns += ["mode"] * len(modes) + ["format"] * len(formats)
+    return np.asarray(rows, dtype=np.float64), columns
+
+
+def _above_chance(accuracy: float, majority: float, p_value: float) -> bool:
+    return p_value < 0.01 and accuracy - majority >= 0.05
+
+
+def _probe_verdict(accuracy: float, majority: float, p_value: float) -> str:
+    if not _above_chance(accuracy, majority, p_value):
+        return "none"
+    return "strong" if accuracy - majority >= 0.2 or accuracy >= 0.9 else "weak"
+
+
+def probe_explanation(probe: ProbeResult) -> str:
+    """What the metadata probe's numbers suggest, in plain words."""
+    numbers = f"cross-validated accuracy {probe.accuracy:.1%} against a majority-class rate of {probe.majority_rate:.1%}"
+    if probe.verdict == "none":
+        return f"At chance level ({numbers}): trivial image properties do not reveal the class."
+    top = ", ".join(f"{k} {v:.2f}" for k, v in list(probe.importances.items())[:3])
+    text = (f"Trivial image properties alone predict the class {'far' if probe.verdict == 'strong' else 'somewhat'} "
+            f"above chance ({numbers}; most informative: {top}). ")
+    storage = f"Size, mode, format and file size alone reach {probe.storage_accuracy:.1%}"
+    if _above_chance(probe.storage_accuracy, probe.majority_rate, probe.storage_p_value):
+        return text + (f"{storage}: the classes differ in how their images were produced or stored, which carries no "
+                       "medical information. A CNN can learn that difference instead of the disease, so expect test "
+                       "accuracy on this data to overstate accuracy on X-rays from a new source.")
+    return text + (f"{storage}, near chance: the signal is in overall brightness and contrast, which may partly be "
+                   "disease and partly exposure or post-processing that differs between the sources of each class.")
+
+
+# --- shortcut probe 2: masked evaluations of a trained model --------------------------------------
+
+
+def lung_field_mask(size: int) -> np.ndarray:
+    """True inside a centred ellipse spanning 84% of the width and height: it covers both lungs of a
+    typical PA film and leaves out the corners (where text markers sit), the edges and the shoulders."""
+    yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
+    return ((xx - 0.5) / 0.42) ** 2 + ((yy - 0.5) / 0.42) ** 2 <= 1.0
+
+
+def masked_probe(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, labels: list[int]) -> dict[str, float]:
+    """Accuracy on the images as they are, with the central lung field hidden, and with only it shown.
+
+    `predict` maps uint8 N×S×S images to N×C probabilities (e.g. `Predictor.probabilities`). Hidden
+    parts are filled with one grey, the mean over all the images: a per-image fill would carry each
+    image's brightness, and so possibly its class, into the hidden part.
+    """
+    y = np.asarray(labels)
+    inside = lung_field_mask(images.shape[-1])
+    fill = np.uint8(round(float(images.mean())))
+    variants = {
+        "full": images,
+        "centre_hidden": np.where(inside, fill, images),
+        "centre_only": np.where(inside, images, fill),
+    }
+    result = {name: float((predict(x).argmax(axis=1) == y).mean()) for name, x in variants.items()}
+    result["majority_rate"] = float(np.bincount(y).max() / len(y))
+    result["n"] = len(y)
+    return result
+
+
+def masked_explanation(probe: dict[str, float]) -> str:
+    """What the masked probe's numbers suggest, in plain words."""
+    full, hidden, only, majority = probe["full"], probe["centre_hidden"], probe["centre_only"], probe["majority_rate"]
+    numbers = (f"Accuracy {full:.1%} on the full images, {hidden:.1%} with the central lung field hidden, "
+               f"{only:.1%} with only the lung field shown (majority-class rate {majority:.1%}). ")
+    surroundings = "corners with text markers, borders, collimation, shoulders, image geometry"
+    gain_full, gain_hidden, gain_only = full - majority, hidden - majority, only - majority
+    if gain_hidden >= 0.1 and gain_hidden >= 0.5 * gain_full:
+        verdict = (f"The model still classifies well without seeing the lung field: it relies substantially on what "
+                   f"lies around it ({surroundings}), a shortcut unlikely to carry over to X-rays from other hospitals.")
+    elif gain_hidden >= 0.1:
+        verdict = (f"With the lung field hidden it still scores well above chance: the surroundings ({surroundings}) "
+                   "carry class information that the model uses alongside the lungs, and that part may not carry "
+                   "over to X-rays from other hospitals.")
+    elif gain_only >= 0.5 * gain_full:
+        verdict = ("Without the lung field it falls to chance and with only the lung field it keeps most of its "
+                   "accuracy: the model mainly uses the lungs.")
+    else:
+        verdict = "Neither part alone carries the accuracy: the model needs the whole image."
+    return numbers + verdict + (" (Masked images look unlike any training image, so both masked accuracies "
+                                "understate what each part carries.)")
+
+
+# --- Markdown -------------------------------------------------------------------------------------
+
+
+def _markdown(r: AuditReport, h: str) -> str:
+    splits = Counter(f.split for f in r.files)
+    cross = [g for g in r.exact_groups if _cross_split(g)]
+    near_cross = [p for p in r.near_pairs if p.a.split != p.b.split]
+    exact_leaks = sum(leak.kind == "exact" for leak in r.leaks)
+    lines = [
+        f"{h} Dataset audit",
+        "",
+        f"- {len(r.files)} files ({r.layout} layout): " + ", ".join(f"{s} {n}" for s, n in splits.items()),
+        f"- unreadable files: {len(r.unreadable)}",
+        f"- exact duplicates (same SHA-256): {len(r.exact_groups)} groups, {len(cross)} of them across splits",
+        f"- near duplicates (perceptual hash within {r.near_threshold} of {HASH_SIZE ** 2} bits): "
+        f"{len(r.near_pairs)} pairs, {len(near_cross)} of them across splits",
+        f"- the same image under two labels: {len(r.label_conflicts)} exact, {len(r.near_label_conflicts)} near",
+        f"- **test images that are copies of training/validation images: {len(r.leaks)}** "
+        f"({exact_leaks} exact, {len(r.leaks) - exact_leaks} near)",
+    ]
+    if r.leaks:
+        lines += ["", f"{h}# Test images leaked from training", "", "| test image | copy of | kind | distance (bits) |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {r.rel(x.path)} | {', '.join(r.rel(c) for c in x.copies)} | {x.kind} | {x.distance} |" for x in r.leaks]
+    if r.unreadable:
+        lines += ["", f"{h}# Unreadable files", ""] + [f"- {r.rel(f.path)}: {f.error}" for f in r.unreadable]
+    if r.exact_groups:
+        lines += ["", f"{h}# Exact duplicates", "", "| files (split) | labels |", "| --- | --- |"]
+        lines += [f"| {', '.join(_tagged(r, f) for f in g)} | {', '.join(sorted({f.label for f in g}))} |"
+                  for g in r.exact_groups]
+    if r.near_pairs:
+        lines += ["", f"{h}# Near duplicates", "", "| image (split) | near copy (split) | distance (bits) |",
+                  "| --- | --- | --- |"]
+        lines += [f"| {_tagged(r, p.a)} | {_tagged(r, p.b)} | {p.distance} |" for p in r.near_pairs]
+    lines += ["", f"{h}# Image properties per class", "",
+              "| class | images | formats | modes | sizes (W×H) | median file size | mean intensity |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for c, s in r.per_class().items():
+        lines.append(f"| {c} | {s['images']} | {_counts(s['formats'])} | {_counts(s['modes'])} | {_counts(s['sizes'])} | "
+                     f"{s['median_kb']} KB | {s['mean_intensity']} |")
+    lines += ["", f"{h}# Shortcut probe: metadata only", ""]
+    if r.probe:
+        lines += [f"A random forest that sees only {', '.join(PROBE_FEATURES)} ({r.probe.folds}-fold cross-validation "
+                  f"on {r.probe.n} distinct images; binomial p = {r.probe.p_value:.2g}):", "",
+                  f"**{probe_explanation(r.probe)}**"]
+    else:
+        lines.append(f"Skipped: {r.probe_skipped}.")
+    return "\n".join(lines)
+
+
+def _tagged(r: AuditReport, f: FileInfo) -> str:
+    # The split is not always the folder: validation is carved out of train/.
+    return f"{r.rel(f.path)} ({f.split})"
+
+
+def _counts(counter: dict[str, int], top: int = 3) -> str:
+    items = list(counter.items())
+    text = ", ".join(f"{k} {v}" for k, v in items[:top])
+    return text + (f", … ({len(items) - top} more)" if len(items) > top else "")
