@@ -305,15 +305,15 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.P
     size = cfg.resolved_size()
 
     dataset = data_mod.discover(data_dir, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, split_seed=cfg.split_seed)
-    if dist.main:
-        dataset.write_splits_csv(run_dir / "splits.csv")
     log(f"data: {dataset.layout} layout, classes {dataset.classes}, " + ", ".join(f"{s} {len(dataset[s])}" for s in data_mod.SPLITS))
-    audit_report = audit.audit_dataset(dataset, seed=cfg.seed)
-    (run_dir / "audit.json").write_text(json.dumps(audit_report.to_dict(), indent=2))
-    leaked = audit.leaked_test_paths(audit_report)
-    if leaked:
-        log(f"warning: {len(leaked)} test images are exact or near copies of training/validation images; "
-            "test metrics are reported with and without them (audit.json lists them)")
+    if dist.main:  # the audit and every file the run writes are rank 0's job
+        dataset.write_splits_csv(run_dir / "splits.csv")
+        audit_report = audit.audit_dataset(dataset, seed=cfg.seed)
+        (run_dir / "audit.json").write_text(json.dumps(audit_report.to_dict(), indent=2))
+        leaked = audit.leaked_test_paths(audit_report)
+        if leaked:
+            log(f"warning: {len(leaked)} test images are exact or near copies of training/validation images; "
+                "test metrics are reported with and without them (audit.json lists them)")
     decoded = {s: data_mod.decode_samples(dataset[s], size, skip_bad=cfg.skip_bad_images) for s in data_mod.SPLITS}
     bad = [reason for d in decoded.values() for reason in d.bad]
     for reason in bad:
@@ -340,7 +340,7 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.P
     if test_dedup:
         metrics["test_dedup"] = test_dedup
     metrics["test_masked"] = audit.masked_probe(
-        lambda images: predict_probs(model, images), decoded["test"].images, [s.label for s in decoded["test"].samples]
+        lambda images: predict_probs(model, images), decoded["test"].images[:], [s.label for s in decoded["test"].samples]
     )
     evaluation.plot_learning_curves(fit_result["history"], fit_result["best_epoch"], run_dir / "learning_curves.png")
     plots.append("learning_curves.png")
