@@ -40,7 +40,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
-    patience: int = 4
+    patience: int = 6
     seed: int = 0
     split_seed: int = 0
     val_fraction: float = 0.15
