@@ -51,6 +51,18 @@ def dicom_bytes(pixels: np.ndarray | None = None, *, rows: int | None = None, co
     return buf.getvalue()
 
 
+def wait_ready(client, timeout: float = 120) -> dict:
+    """Poll GET /ping (TestClient or httpx.Client) until the model is loaded; fail on a load error."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = client.get("/ping")
+        if r.status_code == 200:
+            return r.json()
+        assert r.json()["status"] == "loading", r.text
+        time.sleep(0.05)
+    raise TimeoutError(f"model did not load within {timeout} s")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

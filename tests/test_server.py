@@ -14,24 +14,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from _serving import dicom_bytes, png_bomb
+from _serving import dicom_bytes, png_bomb, wait_ready
 from conftest import encode, xray_like
 from covid_xray.inference import Predictor
 from covid_xray.server import Batcher, QueueFull, ServerSettings, create_app
 
 SETTINGS = ServerSettings(max_body_bytes=2 * 1024 * 1024, max_instances=4, queue_size=8)
 CLIENT_ERRORS = {400, 406, 413, 415, 422}
-
-
-def wait_ready(client: TestClient, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = client.get("/ping")
-        if r.status_code == 200:
-            return r.json()
-        assert r.json()["status"] == "loading", r.text
-        time.sleep(0.05)
-    raise TimeoutError("model did not load")
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +156,7 @@ def huge_jpeg_header() -> bytes:
     [
         (b"", "image/jpeg", 400, "empty"),
         (b"this is not an image", "image/png", 400, "not an image"),
-        (truncated_jpeg(), "image/jpeg", 400, "image"),
+        (truncated_jpeg(), "image/jpeg", 400, "corrupt image"),
         (png_bomb(), "image/png", 400, "larger than"),
         (huge_jpeg_header(), "image/jpeg", 400, "larger than"),
         (dicom_bytes(rows=60000, columns=60000), "application/dicom", 400, "larger than"),

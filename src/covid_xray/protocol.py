@@ -136,8 +136,8 @@ def preprocess(predictor: Predictor, payloads: list[bytes]) -> np.ndarray:
         try:
             images.append(predictor.preprocess(data))
         except ImageError as e:
-            where = "image" if len(payloads) == 1 else f"instances[{i}]"
-            raise RequestError(400, f"{where}: {str(e).removeprefix('<bytes>: ')}") from None
+            reason = str(e).removeprefix("<bytes>: ")
+            raise RequestError(400, reason if len(payloads) == 1 else f"instances[{i}]: {reason}") from None
     return np.stack(images)
 
 
