@@ -323,6 +323,23 @@ def test_batcher_waits_for_a_request_still_decoding():
     assert model.sizes == [2]
 
 
+def test_batcher_threads_share_the_queue_and_run_at_once():
+    meet = threading.Barrier(2, timeout=10)
+
+    def model(images: np.ndarray) -> np.ndarray:
+        meet.wait()  # only passes if two forward passes are in flight together
+        return images.reshape(len(images), -1)[:, :2].astype(np.float32)
+
+    batcher = Batcher(model, max_batch_size=8, max_wait_s=0.0, queue_size=8, threads=2).start()
+    try:
+        time.sleep(0.2)  # both threads waiting for work
+        futures = batcher.submit(np.zeros((2, 2, 2), np.uint8))
+        [f.result(10) for f in futures]
+    finally:
+        batcher.close()
+    assert batcher.stats()["batch_size_histogram"] == {"1": 2}  # split, not one batch of 2
+
+
 def test_batcher_bounds_its_queue():
     model = GatedModel()
     batcher = Batcher(model, max_batch_size=1, max_wait_s=0.0, queue_size=2).start()
