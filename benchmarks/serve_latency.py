@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -65,9 +66,9 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
 
 
-def start_server(bundle: Path, port: int) -> subprocess.Popen:
+def start_server(bundle: Path, port: int, extra: list[str]) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "covid_xray.cli", "serve", str(bundle), "--port", str(port),
-                             "--log-level", "warning"], env=env())
+                             "--log-level", "warning", *extra], env=env())
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -112,6 +113,15 @@ def run_clients(url: str, image: bytes, clients: int, total: int) -> tuple[float
     return time.perf_counter() - start, latencies
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux): what a measurement cost, whatever else runs."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000
 
@@ -131,6 +141,8 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, help="model bundle (default: default backbone, random head)")
     parser.add_argument("--requests", type=int, default=200, help="requests per measurement")
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--serve-args", default="", help="extra options for covid-xray serve, e.g. '--max-batch-size 4'")
+    parser.add_argument("--skip-predict", action="store_true", help="do not time `covid-xray predict`")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,27 +152,32 @@ def main() -> None:
         (tmp / "xray.jpg").write_bytes(image)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        server = start_server(bundle, port)
+        server = start_server(bundle, port, shlex.split(args.serve_args))
         try:
             run_clients(url, image, 1, 10)  # warm-up
+            cpu0 = cpu_seconds(server.pid)
             seq_time, seq_lat = run_clients(url, image, 1, args.requests)
+            cpu1 = cpu_seconds(server.pid)
             con_time, con_lat = run_clients(url, image, args.clients, args.requests)
+            cpu2 = cpu_seconds(server.pid)
             stats = httpx.get(f"{url}/stats").json()["batcher"]
         finally:
             server.terminate()
             server.wait(30)
-        startup = predict_wall(bundle, tmp / "xray.jpg")
+        startup = None if args.skip_predict else predict_wall(bundle, tmp / "xray.jpg")
 
     seq_rps, con_rps = args.requests / seq_time, args.requests / con_time
-    print(f"covid-xray serve, 1024×1024 JPEG ({len(image) / 1024:.0f} KiB), {args.requests} requests, "
+    print(f"covid-xray serve {args.serve_args}".rstrip() + f", 1024×1024 JPEG ({len(image) / 1024:.0f} KiB), {args.requests} requests, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
-    print(f"| {'measurement':<34} | {'p50 ms':>7} | {'p95 ms':>7} | {'req/s':>7} |")
-    print(f"|{'-' * 36}|{'-' * 9}|{'-' * 9}|{'-' * 9}|")
-    print(f"| {'1 client, sequential':<34} | {pct(seq_lat, 50):7.1f} | {pct(seq_lat, 95):7.1f} | {seq_rps:7.1f} |")
-    print(f"| {f'{args.clients} concurrent clients':<34} | {pct(con_lat, 50):7.1f} | {pct(con_lat, 95):7.1f} | {con_rps:7.1f} |")
+    seq_cpu, con_cpu = (cpu1 - cpu0) / args.requests * 1000, (cpu2 - cpu1) / args.requests * 1000
+    print(f"| {'measurement':<26} | {'p50 ms':>7} | {'p95 ms':>7} | {'req/s':>7} | {'server CPU ms/req':>17} |")
+    print(f"|{'-' * 28}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 19}|")
+    print(f"| {'1 client, sequential':<26} | {pct(seq_lat, 50):7.1f} | {pct(seq_lat, 95):7.1f} | {seq_rps:7.1f} | {seq_cpu:17.1f} |")
+    print(f"| {f'{args.clients} concurrent clients':<26} | {pct(con_lat, 50):7.1f} | {pct(con_lat, 95):7.1f} | {con_rps:7.1f} | {con_cpu:17.1f} |")
     print(f"\nthroughput {args.clients} clients / sequential: {con_rps / seq_rps:.2f}×")
     print(f"batches: {stats['batches']}, mean size {stats['mean_batch_size']}, sizes {stats['batch_size_histogram']}")
-    print(f"`covid-xray predict` one JPEG, fresh process: {startup:.2f} s wall (median of 3)")
+    if startup is not None:
+        print(f"`covid-xray predict` one JPEG, fresh process: {startup:.2f} s wall (median of 3)")
 
 
 if __name__ == "__main__":

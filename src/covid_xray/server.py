@@ -29,6 +29,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from . import protocol
 from .protocol import RequestError
@@ -261,10 +262,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise RequestError(400, "invalid Content-Length header")
         protocol.check_size(int(declared), limit)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestError(413, f"request body exceeds the limit of {limit:,} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise RequestError(413, f"request body exceeds the limit of {limit:,} bytes")
+    except ClientDisconnect:  # nobody is left to answer; keep it out of the error log
+        raise RequestError(400, "the client disconnected before sending the whole body") from None
     return bytes(body)
 
 
