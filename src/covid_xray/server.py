@@ -57,13 +57,20 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "queue_size", "max_body_bytes", "max_instances", "decode_threads",
-                     "inference_threads"):
-            if getattr(self, name) < 1:
+                     "inference_threads", "torch_threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_wait_ms < 0:
             raise ValueError("max_wait_ms must be >= 0")
-        if self.torch_threads is not None and self.torch_threads < 1:
-            raise ValueError("torch_threads must be at least 1")
+
+    def for_processes(self, workers: int, inference_threads: int | None = None) -> "ServerSettings":
+        """Share the cores among `workers` processes: inference threads (unless given) and torch
+        threads (unless set) are sized so that all model threads together use each core once."""
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        threads = inference_threads or max(1, min(2, _cpus() // workers))
+        torch_threads = self.torch_threads or max(1, _cpus() // (workers * threads))
+        return replace(self, inference_threads=threads, torch_threads=torch_threads)
 
 
 class QueueFull(RequestError):
@@ -272,9 +279,11 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def create_app(bundle_path: str | os.PathLike, settings: ServerSettings | None = None) -> FastAPI:
-    """The endpoint for one bundle. The model loads in the background when the app starts, so
-    `/ping` can answer 503 ("loading") at once and 200 when predictions are possible."""
+def create_app(bundle_path: str | os.PathLike, settings: ServerSettings | None = None, *,
+               load_in_background: bool = True) -> FastAPI:
+    """The endpoint for one bundle. By default the model loads in the background when the app
+    starts, so `/ping` answers 503 ("loading") at once and 200 when predictions are possible.
+    With `load_in_background=False` the app accepts no connection before the model is ready."""
     settings = settings or ServerSettings()
     bundle = Path(bundle_path)
     state = ModelState()
@@ -282,8 +291,10 @@ def create_app(bundle_path: str | os.PathLike, settings: ServerSettings | None =
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loader = threading.Thread(target=state.load, args=(bundle, settings), name="covid-xray-load", daemon=True)
-        loader.start()
+        if load_in_background:
+            threading.Thread(target=state.load, args=(bundle, settings), name="covid-xray-load", daemon=True).start()
+        else:
+            await asyncio.to_thread(state.load, bundle, settings)
         try:
             yield
         finally:
@@ -349,9 +360,12 @@ def create_app(bundle_path: str | os.PathLike, settings: ServerSettings | None =
 
 
 def app_from_env() -> FastAPI:
-    """Factory for `uvicorn --factory` in each worker process of `serve --workers N`."""
+    """Factory for `uvicorn --factory` in each worker process of `serve --workers N`.
+
+    Workers share one listening socket, so a worker still loading its model must not take
+    connections (it would answer 503 while its siblings are ready): each loads before serving."""
     spec = json.loads(os.environ[SETTINGS_ENV])
-    return create_app(spec["bundle"], ServerSettings(**spec["settings"]))
+    return create_app(spec["bundle"], ServerSettings(**spec["settings"]), load_in_background=False)
 
 
 def serve(bundle: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8080, workers: int = 1,
@@ -359,11 +373,7 @@ def serve(bundle: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 808
     """Run the endpoint under uvicorn until interrupted."""
     import uvicorn
 
-    settings = settings or ServerSettings()
-    if settings.torch_threads is None:
-        # Share the cores among all threads that run a model instead of oversubscribing them.
-        per_thread = max(1, _cpus() // (workers * settings.inference_threads))
-        settings = replace(settings, torch_threads=per_thread)
+    settings = settings or ServerSettings().for_processes(workers)
     if workers > 1:
         os.environ[SETTINGS_ENV] = json.dumps({"bundle": str(Path(bundle).resolve()), "settings": asdict(settings)})
         uvicorn.run("covid_xray.server:app_from_env", factory=True, host=host, port=port, workers=workers,
