@@ -12,10 +12,10 @@ from contextlib import ExitStack
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
-
 from _serving import dicom_bytes, png_bomb, wait_ready
 from conftest import encode, xray_like
+from fastapi.testclient import TestClient
+
 from covid_xray.inference import Predictor
 from covid_xray.server import Batcher, QueueFull, ServerSettings, create_app
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -33,6 +33,9 @@ from starlette.requests import ClientDisconnect
 
 from . import protocol
 from .protocol import RequestError
+
+if TYPE_CHECKING:
+    from .inference import Predictor
 
 log = logging.getLogger("covid_xray.server")
 SETTINGS_ENV = "COVID_XRAY_SERVE"  # how `serve --workers N` hands settings to each worker process
@@ -63,7 +66,7 @@ class ServerSettings:
         if self.max_wait_ms < 0:
             raise ValueError("max_wait_ms must be >= 0")
 
-    def for_processes(self, workers: int, inference_threads: int | None = None) -> "ServerSettings":
+    def for_processes(self, workers: int, inference_threads: int | None = None) -> ServerSettings:
         """Share the cores among `workers` processes: inference threads (unless given) and torch
         threads (unless set) are sized so that all model threads together use each core once."""
         if workers < 1:
@@ -108,7 +111,7 @@ class Batcher:
         self._threads = [threading.Thread(target=self._run, name=f"covid-xray-infer-{i}", daemon=True)
                          for i in range(threads)]
 
-    def start(self) -> "Batcher":
+    def start(self) -> Batcher:
         for thread in self._threads:
             thread.start()
         return self
@@ -206,7 +209,7 @@ class ModelState:
     """The loaded model, or why there is none yet: `/ping` reports it, `/invocations` needs it."""
 
     def __init__(self) -> None:
-        self.predictor = None
+        self.predictor: Predictor | None = None
         self.batcher: Batcher | None = None
         self.identity: dict[str, Any] | None = None
         self.error: str | None = None
@@ -224,7 +227,7 @@ class ModelState:
             # Warm up both shapes we will see most, so the first clients do not pay for setup.
             for n in sorted({1, settings.max_batch_size}):
                 predictor.probabilities(np.zeros((n, predictor.size, predictor.size), np.uint8))
-        except Exception as e:  # reported on /ping and in the log; the process keeps answering
+        except Exception as e:  # noqa: BLE001 - any load failure is reported on /ping and in the log
             self.error = f"{type(e).__name__}: {e}" if not isinstance(e, protocol.CovidXrayError) else str(e)
             log.error("cannot load model bundle %s: %s", bundle, self.error)
             return
