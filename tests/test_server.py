@@ -355,3 +355,29 @@ def test_batcher_bounds_its_queue():
     finally:
         model.release.set()
         batcher.close()
+
+
+# --- a real model on real X-rays -------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_trained_bundle_served_scores_like_its_evaluation(trained_run, dataset_dir):
+    """The endpoint is the evaluated model: over the real test split it gets the accuracy that
+    training reported, so nothing in the serving path changes what the model sees."""
+    from covid_xray.data import discover
+
+    bundle = trained_run["run_dir"] / "model"
+    dataset = discover(dataset_dir)
+    samples = dataset["test"]
+    labels: list[str] = []
+    with TestClient(create_app(bundle)) as client:
+        wait_ready(client)
+        for start in range(0, len(samples), 16):
+            chunk = samples[start : start + 16]
+            r = post(client, b64_doc(*(s.path.read_bytes() for s in chunk)), "application/json")
+            assert r.status_code == 200, r.text
+            labels += [p["label"] for p in r.json()["predictions"]]
+    accuracy = np.mean([label == dataset.classes[s.label] for label, s in zip(labels, samples, strict=True)])
+    reported = trained_run["metrics"]["test"]
+    assert len(samples) == reported["n"]
+    assert accuracy == pytest.approx(reported["accuracy"], abs=1.01 / reported["n"])  # at most one borderline flip
