@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= $(or $(COVID_XRAY_DATA),data/Covid19-dataset)
 RUN ?= runs/latest
 
-.PHONY: run test setup setup-test clean
+.PHONY: run test setup browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,15 @@ setup: $(VENV)/.installed
 run: setup
 	$(BIN)/covid-xray train --data "$(DATA)" --out "$(RUN)"
 
-test: setup
+# Browser tests drive Debian's Chromium (Playwright cannot download browsers offline); installed
+# here when we can (root with apt-get), otherwise those tests skip and say what to install.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "note: chromium not installed; browser tests will be skipped"
+
+test: setup browser
 	$(BIN)/python -m pytest
 
 clean:
