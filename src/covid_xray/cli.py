@@ -11,6 +11,8 @@ from pathlib import Path
 
 from .errors import CovidXrayError
 
+BACKEND_HELP = ("auto (ONNX Runtime when the bundle has model.onnx, else PyTorch) | torch | onnx | onnx-int8; "
+                "default: $COVID_XRAY_BACKEND, else auto")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
 
 
@@ -31,12 +33,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .bundle import load_bundle
     from .data import decode_samples, discover, resolve_data_dir
     from .evaluation import compute_metrics, confusion_table, metrics_table
-    from .models import predict_probs
+    from .inference import Predictor
 
-    model, config = load_bundle(args.bundle)
+    predictor = Predictor.from_bundle(args.bundle, backend=args.backend)
+    config = predictor.config
     hp = config.get("hyperparameters", {})
     dataset = discover(
         resolve_data_dir(args.data), val_fraction=hp.get("val_fraction", 0.15),
@@ -46,7 +48,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise CovidXrayError(f"the data's classes {dataset.classes} differ from the bundle's {config['classes']}")
     decoded = decode_samples(dataset[args.split], config["input_size"], skip_bad=args.skip_bad_images)
     y = [s.label for s in decoded.samples]
-    metrics = compute_metrics(y, predict_probs(model, decoded.images), dataset.classes, n_boot=args.bootstrap)
+    metrics = compute_metrics(y, predictor.probabilities(decoded.images), dataset.classes, n_boot=args.bootstrap)
     metrics["skipped_images"] = decoded.bad
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -70,7 +72,7 @@ def _expand(paths: list[str]) -> list[Path]:
 def _predict(args: argparse.Namespace) -> int:
     from .inference import Predictor
 
-    predictor = Predictor.from_bundle(args.bundle)
+    predictor = Predictor.from_bundle(args.bundle, backend=args.backend)
     rows = predictor.predict_paths(_expand(args.paths))
     if args.out:
         import csv
@@ -92,6 +94,16 @@ def _predict(args: argparse.Namespace) -> int:
             else:
                 print(f"{r['path']:<{width}}  {r['label']:<16}  " + "  ".join(f"{r['probabilities'][c]:>16.4f}" for c in predictor.classes))
     return 1 if any("error" in r for r in rows) else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_bundle
+
+    if not args.onnx:
+        raise CovidXrayError("nothing to export: pass --onnx (and --int8 for the quantised variant too)")
+    config = export_bundle(args.bundle, int8=args.int8, data=args.data, calibration_images=args.calibration_images)
+    print("bundle files: " + ", ".join(sorted(config["files"])))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the confidence intervals")
     p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument("--backend", help=BACKEND_HELP)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="predict X-ray images or folders of them")
@@ -132,7 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--json", action="store_true", help="print one JSON array, an object per image")
     p.add_argument("--out", help="write predictions to this CSV file")
+    p.add_argument("--backend", help=BACKEND_HELP)
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("export", help="add ONNX graphs (fp32, optionally int8) to a bundle for fast CPU inference")
+    p.add_argument("bundle")
+    p.add_argument("--onnx", action="store_true", help="write model.onnx (uint8 image in, logits out, dynamic batch)")
+    p.add_argument("--int8", action="store_true", help="also write model.int8.onnx, calibrated on training images")
+    p.add_argument("--data", help="the training data, for int8 calibration (default: $COVID_XRAY_DATA)")
+    p.add_argument("--calibration-images", type=int, default=128, help="training images used to calibrate int8")
+    p.set_defaults(func=_export)
     return parser
 
 
