@@ -38,7 +38,7 @@ def export_bundle(bundle: str | Path, *, int8: bool = False, data: str | Path | 
     train = _training_images(config, data, calibration_images + HELD_OUT_IMAGES) if int8 else None
     with tempfile.TemporaryDirectory(dir=bundle, prefix=".export-") as tmp:
         fp32 = Path(tmp) / ONNX
-        _export_fp32(model, size, fp32)
+        export_onnx(model, size, fp32)
         error = _check_parity(model, fp32, size)
         log(f"{ONNX}: max |probability difference| vs PyTorch {error:.1e}")
         files = {ONNX: fp32}
@@ -60,7 +60,8 @@ def export_bundle(bundle: str | Path, *, int8: bool = False, data: str | Path | 
         return add_files(bundle, files, {"onnx": info})
 
 
-def _export_fp32(model, size: int, out: Path) -> None:
+def export_onnx(model, size: int, out: Path) -> None:
+    """An XrayNet as one self-contained fp32 ONNX file: uint8 N×1×size×size in, logits out."""
     import torch
 
     example = torch.zeros(2, 1, size, size, dtype=torch.uint8)
