@@ -5,10 +5,13 @@
 The naive pipeline is written below the way a typical transfer-learning notebook does it: torchvision
 `ImageFolder` decoding every full-size image every epoch, Resize + ToTensor + Normalize, the same
 backbone with the same ImageNet weights (the backbone's own normalisation), BatchNorm in standard train
-mode, Adam, cross-entropy, eager fp32. Its target is its own final test accuracy; its time is the
-training time until the first epoch that reached it (test evaluations are not timed — both choices
-favour the baseline). `covid-xray train` runs as a user runs it (a subprocess with default settings)
-and its time is the whole command's wall time, data decoding, evaluation, plots and report included.
+mode, Adam, cross-entropy, eager fp32.
+
+The target is the naive pipeline's final test accuracy. Time-to-accuracy, for both, is the wall time
+until the first epoch whose model reaches it; scoring the test split is not timed. `covid-xray train`
+runs as a user runs it (a subprocess with default settings: process start, data decoding and the head
+warm-up count) and is paused while each epoch's checkpoint is scored; the naive loop runs inside this
+process (its imports already paid, in its favour). Whole-run times are printed too.
 """
 
 from __future__ import annotations
@@ -16,22 +19,62 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from _common import machine, print_table, use_cores
 
 
-def covid_xray_train(data: Path, out: Path) -> tuple[float, float]:
-    """(wall seconds, test accuracy) of `covid-xray train` with its default settings."""
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "covid_xray.cli", "train", "--data", str(data), "--out", str(out)],
-                   check=True, stdout=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"})
-    wall = time.perf_counter() - started
-    return wall, json.loads((out / "metrics.json").read_text())["test"]["accuracy"]
+def covid_xray_train(data: Path, out: Path, test: tuple[np.ndarray, np.ndarray]) -> tuple[list[tuple[float, float]], float, float]:
+    """Run `covid-xray train` with its defaults as a user does, and score the model in every epoch's
+    checkpoint on the test split while the process is paused (SIGSTOP), so scoring costs it no time.
+    Returns ([(seconds so far, test accuracy)] per epoch, whole wall seconds, final test accuracy)."""
+    proc = subprocess.Popen([sys.executable, "-m", "covid_xray.cli", "train", "--data", str(data), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"})
+    checkpoint, started, paused, seen, history = out / "checkpoint.pt", time.perf_counter(), 0.0, None, []
+    while proc.poll() is None:
+        time.sleep(0.05)
+        try:
+            stamp = checkpoint.stat().st_mtime_ns  # replaced atomically once per epoch
+        except FileNotFoundError:
+            continue
+        if stamp == seen:
+            continue
+        proc.send_signal(signal.SIGSTOP)
+        stopped = time.perf_counter()
+        seen = stamp
+        history.append((stopped - started - paused, checkpoint_accuracy(checkpoint, *test)))
+        paused += time.perf_counter() - stopped
+        proc.send_signal(signal.SIGCONT)
+    if proc.returncode:
+        raise SystemExit(f"covid-xray train failed with status {proc.returncode}")
+    wall = time.perf_counter() - started - paused
+    return history, wall, json.loads((out / "metrics.json").read_text())["test"]["accuracy"]
+
+
+def checkpoint_accuracy(checkpoint: Path, images: np.ndarray, labels: np.ndarray) -> float:
+    import torch
+
+    from covid_xray.models import DEFAULT_BACKBONE, create_model, predict_probs
+
+    model = create_model(DEFAULT_BACKBONE, int(labels.max()) + 1, weights="none")
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"])
+    return float((predict_probs(model, images).argmax(1) == labels).mean())
+
+
+def test_split(data: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The test images exactly as covid-xray reads them (for scoring its checkpoints)."""
+    from covid_xray.data import decode_samples, discover
+    from covid_xray.models import DEFAULT_BACKBONE, input_size
+
+    decoded = decode_samples(discover(data)["test"], input_size(DEFAULT_BACKBONE))
+    return decoded.images, np.array([s.label for s in decoded.samples])
 
 
 def naive_training(data: Path, epochs: int, log) -> list[tuple[float, float]]:
@@ -87,23 +130,30 @@ def main() -> None:
     log(machine())
 
     with tempfile.TemporaryDirectory() as tmp:
-        ours_wall, ours_acc = covid_xray_train(data, Path(tmp) / "run")
-    log(f"covid-xray train: {ours_wall:.0f} s, test accuracy {ours_acc:.4f}")
-    history = naive_training(data, args.naive_epochs, log)
+        ours, ours_wall, ours_final = covid_xray_train(data, Path(tmp) / "run", test_split(data))
+    log(f"covid-xray train: {ours_wall:.0f} s, final test accuracy {ours_final:.4f}")
+    naive = naive_training(data, args.naive_epochs, log)
 
-    target = history[-1][1]
-    naive_time = next(t for t, acc in history if acc >= target)
-    reached = ours_acc >= target
-    print(f"\nTarget: the naive pipeline's final test accuracy, {target:.4f}; {machine()}\n")
+    target = naive[-1][1]
+    naive_time = first_time(naive, target)
+    # The selected (best-validation) model at the end counts too: it is what the bundle holds.
+    ours_time = first_time(ours + [(ours_wall, ours_final)], target)
+    print(f"\nTarget: the naive pipeline's final test accuracy, {target:.4f}. {machine()}\n")
     print_table([
-        {"pipeline": f"naive notebook ({args.naive_epochs} epochs, fp32, ImageFolder)", "test accuracy": f"{target:.4f}",
-         "time to target s": f"{naive_time:.0f}"},
-        {"pipeline": "covid-xray train (defaults, whole command)", "test accuracy": f"{ours_acc:.4f}",
-         "time to target s": f"{ours_wall:.0f}" if reached else "not reached"},
+        {"pipeline": f"naive notebook ({args.naive_epochs} epochs)", "final test accuracy": f"{target:.4f}",
+         "time to target s": f"{naive_time:.0f}", "whole run s": f"{naive[-1][0]:.0f}"},
+        {"pipeline": "covid-xray train (defaults)", "final test accuracy": f"{ours_final:.4f}",
+         "time to target s": f"{ours_time:.0f}" if ours_time is not None else "not reached", "whole run s": f"{ours_wall:.0f}"},
     ])
-    if reached:
-        print(f"\ncovid-xray train reaches the target {naive_time / ours_wall:.1f}× faster (wall)")
-    print("naive test accuracy per epoch: " + ", ".join(f"{acc:.3f}" for _, acc in history))
+    if ours_time is not None:
+        print(f"\ncovid-xray train reaches the target {naive_time / ours_time:.1f}× faster (wall); "
+              f"its whole run takes {naive_time / ours_wall:.1f}× less than the naive pipeline's time to the target")
+    for name, history in (("naive", naive), ("covid-xray", ours)):
+        print(f"{name} per epoch (s, test accuracy): " + ", ".join(f"({t:.0f}, {acc:.3f})" for t, acc in history))
+
+
+def first_time(history: list[tuple[float, float]], target: float) -> float | None:
+    return next((t for t, acc in history if acc >= target), None)
 
 
 if __name__ == "__main__":
