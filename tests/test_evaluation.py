@@ -52,3 +52,16 @@ def test_auc_agrees_with_scikit_learn():
     probs = rng.dirichlet([1, 1, 1], 50)
     m = compute_metrics(y, probs, CLASSES, n_boot=10)
     assert m["macro_auc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"), abs=1e-4)
+
+
+def test_auc_equals_scikit_learn_with_and_without_ties():
+    from sklearn.metrics import roc_auc_score
+
+    from covid_xray.evaluation import _auc
+
+    rng = np.random.default_rng(2)
+    for n in (2, 5, 40, 200):
+        y = rng.integers(0, 2, n).astype(bool)
+        y[:2] = [True, False]
+        for scores in (rng.random(n), rng.integers(0, 4, n) / 4):  # continuous, then heavily tied
+            assert _auc(y, scores) == pytest.approx(roc_auc_score(y, scores), abs=1e-12)

@@ -18,6 +18,9 @@ from .errors import ModelError
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+# Optional, written by `covid-xray export`: the same model as ONNX graphs (fp32, and int8-quantised).
+ONNX = "model.onnx"
+ONNX_INT8 = "model.int8.onnx"
 
 
 def sha256_file(path: Path) -> str:
@@ -75,15 +78,36 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def verify_file(bundle: Path, name: str, config: dict[str, Any]) -> Path:
-    """Return the path of a bundle file after checking it against the SHA-256 in config.json."""
+def verify_file(bundle: Path, name: str, config: dict[str, Any], *, recorded: bool = False) -> Path:
+    """Return the path of a bundle file after checking it against the SHA-256 in config.json.
+
+    recorded=True refuses a file that config.json does not list (files added after the bundle was
+    written, such as model.onnx, count only once their checksum is recorded)."""
     file = bundle / name
     if not file.is_file():
         raise ModelError(f"{file} is missing; the bundle is incomplete")
     expected = config.get("files", {}).get(name)
+    if recorded and not expected:
+        raise ModelError(f"{file} has no checksum in {CONFIG}; it was not written by covid-xray, export again")
     if expected and sha256_file(file) != expected:
         raise ModelError(f"{file} does not match the checksum in {CONFIG}: the file is truncated or was modified")
     return file
+
+
+def add_files(path: str | os.PathLike, files: dict[str, Path], updates: dict[str, Any]) -> dict[str, Any]:
+    """Move finished files (e.g. model.onnx) into an existing bundle and record their SHA-256 and
+    `updates` in config.json. The config is replaced last and atomically, so an interrupted call
+    leaves files that load refuses (unrecorded or mismatched checksum), never a silently wrong one."""
+    path = Path(path)
+    config = read_config(path)
+    checksums = {name: sha256_file(src) for name, src in files.items()}
+    for name, src in files.items():
+        os.replace(src, path / name)
+    config = {**config, **updates, "files": {**config.get("files", {}), **checksums}}
+    tmp = path / f".{CONFIG}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, path / CONFIG)
+    return config
 
 
 def load_bundle(path: str | os.PathLike):

@@ -12,6 +12,9 @@ from pathlib import Path
 
 from .errors import CovidXrayError
 
+BACKEND_HELP = ("auto (ONNX Runtime when the bundle has model.onnx, else PyTorch) | torch | onnx | onnx-int8; "
+                "default: $COVID_XRAY_BACKEND, else auto")
+
 
 def _launch_torchrun(nproc: int, argv: list[str]) -> int:
     """`train --nproc N`: rerun this same command under torchrun with N local processes."""
@@ -55,12 +58,12 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .audit import audit_dataset, metrics_without_leaks
-    from .bundle import load_bundle
     from .data import decode_samples, discover, resolve_data_dir
     from .evaluation import compute_metrics, confusion_table, metrics_table
-    from .models import predict_probs
+    from .inference import Predictor
 
-    model, config = load_bundle(args.bundle)
+    predictor = Predictor.from_bundle(args.bundle, backend=args.backend)
+    config = predictor.config
     hp = config.get("hyperparameters", {})
     dataset = discover(
         resolve_data_dir(args.data), val_fraction=hp.get("val_fraction", 0.15),
@@ -70,7 +73,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise CovidXrayError(f"the data's classes {dataset.classes} differ from the bundle's {config['classes']}")
     decoded = decode_samples(dataset[args.split], config["input_size"], skip_bad=args.skip_bad_images)
     y = [s.label for s in decoded.samples]
-    probs = predict_probs(model, decoded.images)
+    probs = predictor.probabilities(decoded.images[:])
     metrics = compute_metrics(y, probs, dataset.classes, n_boot=args.bootstrap)
     metrics["skipped_images"] = decoded.bad
     if args.split == "test":  # copies of training images in test inflate every metric: report both
@@ -104,7 +107,7 @@ def _predict(args: argparse.Namespace) -> int:
     if args.resume and not args.out:
         raise CovidXrayError("--resume needs --out: it continues the CSV that --out names")
     files = expand_paths(args.paths)
-    predictor = Predictor.from_bundle(args.bundle)
+    predictor = Predictor.from_bundle(args.bundle, backend=args.backend)
     sink = PredictionCSV(args.out, predictor.classes, resume=args.resume) if args.out else None
     todo = [f for f in files if str(f) not in sink.done] if sink else files
     if sink and len(todo) < len(files):
@@ -167,6 +170,16 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_bundle
+
+    if not args.onnx:
+        raise CovidXrayError("nothing to export: pass --onnx (and --int8 for the quantised variant too)")
+    config = export_bundle(args.bundle, int8=args.int8, data=args.data, calibration_images=args.calibration_images)
+    print("bundle files: " + ", ".join(sorted(config["files"])))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -199,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the confidence intervals")
     p.add_argument("--skip-bad-images", action="store_true")
+    p.add_argument("--backend", help=BACKEND_HELP)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="predict X-ray images or folders of them")
@@ -210,7 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, help="decoding processes (default: 0 for a few files, else up to 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--backend", help=BACKEND_HELP)
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("export", help="add ONNX graphs (fp32, optionally int8) to a bundle for fast CPU inference")
+    p.add_argument("bundle")
+    p.add_argument("--onnx", action="store_true", help="write model.onnx (uint8 image in, logits out, dynamic batch)")
+    p.add_argument("--int8", action="store_true", help="also write model.int8.onnx, calibrated on training images")
+    p.add_argument("--data", help="the training data, for int8 calibration (default: $COVID_XRAY_DATA)")
+    p.add_argument("--calibration-images", type=int, default=128, help="training images used to calibrate int8")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("audit", help="check a dataset: duplicates, leakage between splits, unreadable files, shortcuts")
     p.add_argument("data", nargs="?", help="dataset folder or CSV manifest (default: $COVID_XRAY_DATA, then ./data/Covid19-dataset)")

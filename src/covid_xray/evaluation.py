@@ -10,9 +10,19 @@ import numpy as np
 PER_CLASS = ("sensitivity", "specificity", "precision", "f1", "auc")
 
 
-def _point_metrics(y: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str, Any]:
-    from sklearn.metrics import roc_auc_score
+def _auc(positives: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC as the Mann–Whitney statistic on average ranks (ties count one half): the same number as
+    sklearn's roc_auc_score, without its per-call input validation, which dominated the 1000-resample
+    bootstrap (tens of seconds per split on two cores)."""
+    from scipy.stats import rankdata
 
+    n_pos = int(positives.sum())
+    n_neg = len(positives) - n_pos
+    rank_sum = float(rankdata(scores)[positives].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def _point_metrics(y: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str, Any]:
     pred = probs.argmax(axis=1)
     cm = np.bincount(y * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
     tp = np.diag(cm).astype(float)
@@ -25,7 +35,7 @@ def _point_metrics(y: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str
     for c in range(n_classes):
         positives = y == c
         if 0 < positives.sum() < len(y):  # AUC is undefined when a class is absent or alone
-            auc[c] = roc_auc_score(positives, probs[:, c])
+            auc[c] = _auc(positives, probs[:, c])
     return {
         "accuracy": float(tp.sum() / max(len(y), 1)),
         "sensitivity": sens, "specificity": spec, "precision": prec, "f1": f1, "auc": auc,
