@@ -302,6 +302,7 @@ class CachedImages:
         return len(self.files)
 
     def __getitem__(self, index: int | slice) -> np.ndarray:
+        """An int gives one image, a slice a stacked batch (`images[:]` loads them all)."""
         if isinstance(index, slice):
             return np.stack([np.load(f) for f in self.files[index]])
         return np.load(self.files[index])

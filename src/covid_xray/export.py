@@ -111,7 +111,7 @@ def _training_images(config: dict[str, Any], data: str | Path | None, count: int
                          f"calibrate int8 on the data the model was trained on (--data)")
     samples = dataset["train"]
     picked = [samples[int(i)] for i in np.linspace(0, len(samples) - 1, min(count, len(samples)))]
-    return decode_samples(picked, int(config["input_size"]), skip_bad=True).images
+    return decode_samples(picked, int(config["input_size"]), skip_bad=True).images[:]
 
 
 def _split_calibration(images: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
