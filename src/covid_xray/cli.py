@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from .errors import CovidXrayError
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
 
 
 def _launch_torchrun(nproc: int, argv: list[str]) -> int:
@@ -79,43 +78,74 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _expand(paths: list[str]) -> list[Path]:
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-        else:
-            files.append(p)
-    if not files:
-        raise CovidXrayError(f"no images found in {' '.join(paths)}")
-    return files
+def _quiet_omp() -> None:
+    """Make idle OpenMP threads sleep instead of spin (read once, when torch loads). Spinning
+    threads starve the decoding threads and the HTTP loop that share these cores with the model,
+    and on a busy machine a spinning team turns a 30 ms forward pass into seconds."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _predict(args: argparse.Namespace) -> int:
+    _quiet_omp()
+    from tqdm import tqdm
+
+    from .batch import PredictionCSV, expand_paths, iter_predictions
     from .inference import Predictor
 
+    if args.resume and not args.out:
+        raise CovidXrayError("--resume needs --out: it continues the CSV that --out names")
+    files = expand_paths(args.paths)
     predictor = Predictor.from_bundle(args.bundle)
-    rows = predictor.predict_paths(_expand(args.paths))
-    if args.out:
-        import csv
-
-        with open(args.out, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "label", *predictor.classes, "error"])
-            for r in rows:
-                probs = r.get("probabilities", {})
-                writer.writerow([r["path"], r.get("label", ""), *(probs.get(c, "") for c in predictor.classes), r.get("error", "")])
+    sink = PredictionCSV(args.out, predictor.classes, resume=args.resume) if args.out else None
+    todo = [f for f in files if str(f) not in sink.done] if sink else files
+    if sink and len(todo) < len(files):
+        print(f"resuming: {len(files) - len(todo)} of {len(files)} images already in {args.out}", file=sys.stderr)
+    rows, errors = [], 0
+    bar = tqdm(total=len(todo), unit="img", file=sys.stderr, disable=args.no_progress or len(todo) < 2)
+    try:
+        for row in iter_predictions(predictor, todo, batch_size=args.batch_size, workers=args.workers):
+            if sink:
+                sink.write([row])
+            if args.json or not sink:
+                rows.append(row)
+            errors += "error" in row
+            bar.update()
+    finally:
+        bar.close()
+        if sink:
+            sink.close()
     if args.json:
         print(json.dumps(rows, indent=2))
-    elif not args.out:
-        width = max(len(r["path"]) for r in rows)
-        print(f"{'image':<{width}}  {'label':<16}  " + "  ".join(f"{c:>16}" for c in predictor.classes))
-        for r in rows:
-            if "error" in r:
-                print(f"{r['path']:<{width}}  error: {r['error']}")
-            else:
-                print(f"{r['path']:<{width}}  {r['label']:<16}  " + "  ".join(f"{r['probabilities'][c]:>16.4f}" for c in predictor.classes))
-    return 1 if any("error" in r for r in rows) else 0
+    elif not sink:
+        _print_table(rows, predictor.classes)
+    return 1 if errors else 0
+
+
+def _print_table(rows: list[dict], classes: list[str]) -> None:
+    width = max(len(r["path"]) for r in rows)
+    print(f"{'image':<{width}}  {'label':<16}  " + "  ".join(f"{c:>16}" for c in classes))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['path']:<{width}}  error: {r['error']}")
+        else:
+            print(f"{r['path']:<{width}}  {r['label']:<16}  " + "  ".join(f"{r['probabilities'][c]:>16.4f}" for c in classes))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    _quiet_omp()
+    from .bundle import read_config
+    from .server import ServerSettings, serve
+
+    read_config(args.bundle)  # a wrong path fails here, in one line, not in a worker's log
+    try:
+        settings = ServerSettings(
+            max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
+            max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_instances=args.max_instances,
+        )
+    except ValueError as e:
+        raise CovidXrayError(str(e)) from None
+    serve(args.bundle, host=args.host, port=args.port, workers=args.workers, settings=settings, log_level=args.log_level)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,8 +186,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--json", action="store_true", help="print one JSON array, an object per image")
-    p.add_argument("--out", help="write predictions to this CSV file")
+    p.add_argument("--out", help="write predictions to this CSV file, row by row")
+    p.add_argument("--resume", action="store_true", help="keep the rows already in --out and predict only the other files")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, help="decoding processes (default: 0 for a few files, else up to 4)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("serve", help="serve a bundle over HTTP (SageMaker protocol) with a web page")
+    p.add_argument("bundle")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to accept other machines)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--workers", type=int, default=1, help="server processes, each with its own model")
+    p.add_argument("--max-batch-size", type=int, default=8, help="most images in one forward pass")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a batch waits for more requests")
+    p.add_argument("--queue-size", type=int, default=64, help="images waiting beyond which requests get 503")
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body accepted (413 above)")
+    p.add_argument("--max-instances", type=int, default=32, help="most images in one JSON request")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=_serve)
     return parser
 
 

@@ -256,6 +256,10 @@ def _decode_dicom(data: bytes) -> Image.Image:
     ds = pydicom.dcmread(io.BytesIO(data))
     if "PixelData" not in ds:
         raise ImageError("DICOM file has no pixel data")
+    # pydicom allocates rows×columns×frames before decoding: check the header first (DICOM bomb).
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if int(ds.Rows) * int(ds.Columns) * max(frames, 1) * int(getattr(ds, "SamplesPerPixel", 1) or 1) > MAX_IMAGE_PIXELS:
+        raise ImageError(f"DICOM image is larger than {MAX_IMAGE_PIXELS:,} pixels; refusing to decode")
     pixels = ds.pixel_array
     if getattr(ds, "NumberOfFrames", 1) not in (None, 1) and pixels.ndim > 2:
         pixels = pixels[0]

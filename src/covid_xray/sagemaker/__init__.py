@@ -1,0 +1,2 @@
+"""Amazon SageMaker integration: inference handlers (`handlers`); the training entry point and the
+launcher join them later."""

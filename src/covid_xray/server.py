@@ -1,0 +1,327 @@
+"""The HTTP endpoint: SageMaker's `/ping` and `/invocations`, a `/stats` probe, and the web page.
+
+One model instance per process sits behind a `Batcher`: a bounded queue drained by one inference
+thread, which groups concurrent requests into micro-batches. Requests are decoded in a small
+thread pool while the model runs, so decoding and inference overlap. Everything a client can
+send wrong becomes a JSON error with a 4xx status (`protocol.RequestError`); nothing a client
+sends can stop the server, and tracebacks go to the log, never to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import asdict, dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import protocol
+from .protocol import RequestError
+
+log = logging.getLogger("covid_xray.server")
+SETTINGS_ENV = "COVID_XRAY_SERVE"  # how `serve --workers N` hands settings to each worker process
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    max_batch_size: int = 8
+    max_wait_ms: float = 5.0  # longest a batch waits for requests that are still being decoded
+    queue_size: int = 64  # images waiting for the model, beyond which requests get 503
+    max_body_bytes: int = protocol.DEFAULT_MAX_BODY_BYTES
+    max_instances: int = protocol.DEFAULT_MAX_INSTANCES
+    decode_threads: int = max(2, os.cpu_count() or 1)
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "queue_size", "max_body_bytes", "max_instances", "decode_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_wait_ms < 0:
+            raise ValueError("max_wait_ms must be >= 0")
+
+
+class QueueFull(RequestError):
+    def __init__(self, limit: int):
+        super().__init__(503, f"server busy: {limit} images already waiting; retry shortly")
+
+
+@dataclass
+class _Item:
+    image: np.ndarray
+    future: Future
+
+
+class Batcher:
+    """Runs `predict` (uint8 N×S×S → N×C) on micro-batches in one thread.
+
+    A batch is sent to the model when it is full, when `max_wait` has passed, or at once when no
+    other request is still being decoded: a lone client never pays the wait, concurrent ones share
+    a forward pass. The queue is bounded so overload turns into fast 503s instead of memory growth.
+    """
+
+    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], *, max_batch_size: int = 8,
+                 max_wait_s: float = 0.005, queue_size: int = 64):
+        self._predict = predict
+        self.max_batch_size, self.max_wait_s, self.queue_size = max_batch_size, max_wait_s, queue_size
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._cond = threading.Condition()
+        self._incoming = 0  # requests admitted and still decoding
+        self._closed = False
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self._thread = threading.Thread(target=self._run, name="covid-xray-batcher", daemon=True)
+
+    def start(self) -> "Batcher":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    @contextmanager
+    def admit(self):
+        """Hold a place for a request while it decodes; refuse it (503) when the queue is full."""
+        with self._cond:
+            if self._closed:
+                raise RequestError(503, "server is shutting down")
+            if self._incoming + len(self._queue) >= self.queue_size:
+                raise QueueFull(self.queue_size)
+            self._incoming += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._incoming -= 1
+                self._cond.notify_all()  # a waiting batch may now go without waiting out max_wait
+
+    def submit(self, images: np.ndarray) -> list[Future]:
+        with self._cond:
+            if len(self._queue) + len(images) > self.queue_size:
+                raise QueueFull(self.queue_size)
+            items = [_Item(image, Future()) for image in images]
+            self._queue.extend(items)
+            self._cond.notify_all()
+        return [item.future for item in items]
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            sizes = dict(sorted(self.batch_sizes.items()))
+            queued = len(self._queue)
+        n_batches, n_images = sum(sizes.values()), sum(k * v for k, v in sizes.items())
+        return {
+            "batches": n_batches,
+            "images": n_images,
+            "mean_batch_size": round(n_images / n_batches, 3) if n_batches else 0.0,
+            "max_batch_size_seen": max(sizes, default=0),
+            "batch_size_histogram": {str(k): v for k, v in sizes.items()},
+            "queued": queued,
+        }
+
+    def _take(self) -> list[_Item] | None:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if not self._queue:
+                return None
+            deadline = time.monotonic() + self.max_wait_s
+            while len(self._queue) < self.max_batch_size and self._incoming > 0 and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            n = min(len(self._queue), self.max_batch_size)
+            return [self._queue.popleft() for _ in range(n)]
+
+    def _run(self) -> None:
+        while (batch := self._take()) is not None:
+            live = [item for item in batch if item.future.set_running_or_notify_cancel()]
+            if not live:
+                continue
+            try:
+                probs = self._predict(np.stack([item.image for item in live]))
+            except Exception as e:  # a model failure fails these requests (500), never the thread
+                log.exception("inference failed for a batch of %d", len(live))
+                for item in live:
+                    item.future.set_exception(e)
+                continue
+            for item, p in zip(live, probs):
+                item.future.set_result(p)
+            with self._cond:
+                self.batch_sizes[len(live)] += 1
+
+
+class ModelState:
+    """The loaded model, or why there is none yet: `/ping` reports it, `/invocations` needs it."""
+
+    def __init__(self) -> None:
+        self.predictor = None
+        self.batcher: Batcher | None = None
+        self.identity: dict[str, Any] | None = None
+        self.error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.batcher is not None
+
+    def load(self, bundle: Path, settings: ServerSettings) -> None:
+        from .inference import Predictor
+
+        try:
+            predictor = Predictor.from_bundle(bundle)
+            # Warm up both shapes we will see most, so the first clients do not pay for setup.
+            for n in sorted({1, settings.max_batch_size}):
+                predictor.probabilities(np.zeros((n, predictor.size, predictor.size), np.uint8))
+        except Exception as e:  # reported on /ping and in the log; the process keeps answering
+            self.error = f"{type(e).__name__}: {e}" if not isinstance(e, protocol.CovidXrayError) else str(e)
+            log.error("cannot load model bundle %s: %s", bundle, self.error)
+            return
+        self.predictor, self.identity = predictor, protocol.model_identity(predictor)
+        self.batcher = Batcher(
+            predictor.probabilities, max_batch_size=settings.max_batch_size,
+            max_wait_s=settings.max_wait_ms / 1000, queue_size=settings.queue_size,
+        ).start()
+        log.info("model ready: %s (%s)", self.identity["backbone"], self.identity["fingerprint"])
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+
+
+def _json(document: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(protocol.encode_json(document), status_code=status, media_type=protocol.JSON, headers=headers)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return _json(protocol.error_document(message), status, headers)
+
+
+def _page() -> str:
+    return files("covid_xray").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it is known to exceed `limit` — before it is all read."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestError(400, "invalid Content-Length header")
+        protocol.check_size(int(declared), limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestError(413, f"request body exceeds the limit of {limit:,} bytes")
+    return bytes(body)
+
+
+def create_app(bundle_path: str | os.PathLike, settings: ServerSettings | None = None) -> FastAPI:
+    """The endpoint for one bundle. The model loads in the background when the app starts, so
+    `/ping` can answer 503 ("loading") at once and 200 when predictions are possible."""
+    settings = settings or ServerSettings()
+    bundle = Path(bundle_path)
+    state = ModelState()
+    decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="covid-xray-decode")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = threading.Thread(target=state.load, args=(bundle, settings), name="covid-xray-load", daemon=True)
+        loader.start()
+        try:
+            yield
+        finally:
+            state.close()
+            decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="covid-xray", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.model = state
+    app.state.settings = settings
+    page = _page()
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, exc: RequestError) -> Response:
+        return _error(exc.status, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error(500, "internal server error; the details are in the server log")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/ping")
+    async def ping() -> Response:
+        if state.ready:
+            return _json({"status": "ready", "model": state.identity})
+        if state.error:
+            return _json({"status": "failed", "error": state.error}, 503)
+        return _json({"status": "loading"}, 503)
+
+    @app.get("/stats")
+    async def stats() -> Response:
+        batcher = state.batcher.stats() if state.batcher else None
+        return _json({"ready": state.ready, "batcher": batcher, "settings": asdict(settings)})
+
+    @app.post("/invocations")
+    async def invocations(request: Request) -> Response:
+        protocol.negotiate(request.headers.get("accept"))
+        if not state.ready:
+            raise RequestError(503, "model is still loading; poll GET /ping until it answers 200")
+        content_type = request.headers.get("content-type")
+        protocol.check_content_type(content_type)  # refuse a wrong type (415) before reading the body
+        body = await _read_body(request, settings.max_body_bytes)
+        with state.batcher.admit():
+            images = await asyncio.get_running_loop().run_in_executor(decode_pool, _decode, body, content_type)
+            futures = state.batcher.submit(images)
+        probs = np.stack(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        return _json(protocol.build_response(state.predictor, probs, state.identity))
+
+    def _decode(body: bytes, content_type: str | None) -> np.ndarray:
+        payloads = protocol.decode_request(
+            body, content_type, max_bytes=settings.max_body_bytes, max_instances=settings.max_instances
+        )
+        return protocol.preprocess(state.predictor, payloads)
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for `uvicorn --factory` in each worker process of `serve --workers N`."""
+    spec = json.loads(os.environ[SETTINGS_ENV])
+    return create_app(spec["bundle"], ServerSettings(**spec["settings"]))
+
+
+def serve(bundle: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8080, workers: int = 1,
+          settings: ServerSettings | None = None, log_level: str = "info") -> None:
+    """Run the endpoint under uvicorn until interrupted."""
+    import uvicorn
+
+    settings = settings or ServerSettings()
+    if workers > 1:
+        # Each worker is a process with its own model; share the cores instead of oversubscribing.
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+        os.environ[SETTINGS_ENV] = json.dumps({"bundle": str(Path(bundle).resolve()), "settings": asdict(settings)})
+        uvicorn.run("covid_xray.server:app_from_env", factory=True, host=host, port=port, workers=workers,
+                    log_level=log_level)
+    else:
+        uvicorn.run(create_app(bundle, settings), host=host, port=port, log_level=log_level)

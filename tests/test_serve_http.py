@@ -1,0 +1,167 @@
+"""A real `covid-xray serve` process over loopback HTTP: the protocol, concurrency and
+micro-batching, and the web page in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import collections
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from _serving import ServeProcess
+from conftest import encode, xray_like
+from covid_xray.inference import Predictor
+
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def server(untrained_bundle):
+    process = ServeProcess(untrained_bundle, "--max-batch-size", "8")
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        log = process.stop()
+    assert process.proc.returncode == 0, log
+    assert "Traceback" not in log, log
+
+
+@pytest.fixture(scope="module")
+def predictor(untrained_bundle) -> Predictor:
+    return Predictor.from_bundle(untrained_bundle)
+
+
+def test_real_server_speaks_the_protocol(server, predictor):
+    ping = httpx.get(f"{server.url}/ping")
+    assert ping.status_code == 200 and ping.json()["model"]["classes"] == predictor.classes
+    image = encode(xray_like(512, seed=2), "JPEG")
+    r = httpx.post(f"{server.url}/invocations", content=image, headers={"content-type": "image/jpeg"})
+    assert r.status_code == 200
+    assert r.json()["predictions"][0]["label"] == predictor.predict([image])[0]["label"]
+    r = httpx.post(f"{server.url}/invocations", content=b"", headers={"content-type": "image/jpeg"})
+    assert r.status_code == 400 and "empty" in r.json()["error"]
+    assert "<title>" in httpx.get(f"{server.url}/").text
+
+
+def test_concurrent_clients_get_their_own_correct_answers_in_batches(server, predictor):
+    clients, per_client = 8, 25
+    images = [encode(xray_like(384, seed=100 + c), "JPEG") for c in range(clients)]
+    expected = predictor.predict(images)
+    before = httpx.get(f"{server.url}/stats").json()["batcher"]["batch_size_histogram"]
+
+    def client(c: int) -> list[dict]:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            return [http.post("/invocations", content=images[c], headers={"content-type": "image/jpeg"})
+                    for _ in range(per_client)]
+
+    with ThreadPoolExecutor(clients) as pool:
+        responses = list(pool.map(client, range(clients)))
+    for c, answers in enumerate(responses):
+        for r in answers:
+            assert r.status_code == 200, r.text
+            got = r.json()["predictions"][0]
+            assert got["label"] == expected[c]["label"]
+            np.testing.assert_allclose(list(got["probabilities"].values()),
+                                       list(expected[c]["probabilities"].values()), atol=1e-4)
+
+    after = httpx.get(f"{server.url}/stats").json()["batcher"]["batch_size_histogram"]
+    sizes = collections.Counter({int(k): v for k, v in after.items()})
+    sizes.subtract({int(k): v for k, v in before.items()})
+    assert sum(k * v for k, v in sizes.items()) == clients * per_client  # every image went through the model once
+    assert max(k for k, v in sizes.items() if v > 0) > 1, f"never batched: {dict(sizes)}"
+    assert sum(sizes.values()) < clients * per_client * 0.75, f"mostly unbatched: {dict(sizes)}"
+
+
+def test_json_batch_over_http(server, predictor):
+    images = [encode(xray_like(256, seed=s), "PNG") for s in (30, 31)]
+    doc = {"instances": [{"b64": base64.b64encode(i).decode()} for i in images]}
+    r = httpx.post(f"{server.url}/invocations", content=json.dumps(doc), headers={"content-type": "application/json"})
+    assert [p["label"] for p in r.json()["predictions"]] == [e["label"] for e in predictor.predict(images)]
+
+
+def test_several_worker_processes(untrained_bundle):
+    process = ServeProcess(untrained_bundle, "--workers", "2")
+    try:
+        process.wait_ready()
+        image = encode(xray_like(256, seed=3), "JPEG")
+        for _ in range(4):
+            r = httpx.post(f"{process.url}/invocations", content=image, headers={"content-type": "image/jpeg"})
+            assert r.status_code == 200
+    finally:
+        log = process.stop()
+    assert "Traceback" not in log, log
+
+
+# --- the page in a real browser --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
+    executable = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not executable:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1366, "height": 768})  # a common laptop screen
+    page = context.new_page()
+    page.goto(f"{server.url}/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('·')")
+    yield page
+    context.close()
+
+
+def test_page_upload_shows_the_predicted_label(page, predictor, tmp_path):
+    path = tmp_path / "chest.png"
+    path.write_bytes(encode(xray_like(400, seed=42), "PNG"))
+    expected = predictor.predict([path])[0]
+
+    page.set_input_files("#file-input", str(path))
+    page.wait_for_function("!document.getElementById('result-label').classList.contains('placeholder')")
+    assert page.text_content("#result-label") == expected["label"]
+    bars = page.locator("#bars li")
+    assert bars.count() == len(predictor.classes)
+    top = page.locator("#bars li.top")
+    assert top.get_attribute("data-class") == expected["label"]
+    page.wait_for_timeout(500)  # the bars animate to their width
+    track, fill = top.locator(".track").bounding_box(), top.locator(".fill").bounding_box()
+    share = expected["probabilities"][expected["label"]]
+    assert fill["width"] == pytest.approx(share * track["width"], abs=3)
+    assert page.is_visible("#preview") and page.is_hidden("#error")
+    # Fits a laptop screen: no sideways scrolling, the answer visible without scrolling.
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    box = page.locator("#result-label").bounding_box()
+    assert box and box["y"] + box["height"] <= 768
+
+
+def test_page_drop_and_error_message(page, predictor):
+    image = encode(xray_like(300, seed=43), "JPEG")
+    drop = """([b64, name, type]) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], name, { type }));
+        document.getElementById('drop').dispatchEvent(new DragEvent('drop', { dataTransfer: data, bubbles: true }));
+    }"""
+    page.evaluate(drop, [base64.b64encode(image).decode(), "dropped.jpg", "image/jpeg"])
+    page.wait_for_function("!document.getElementById('result-label').classList.contains('placeholder')")
+    assert page.text_content("#result-label") == predictor.predict([image])[0]["label"]
+
+    page.evaluate(drop, [base64.b64encode(b"definitely not an x-ray").decode(), "notes.png", "image/png"])
+    page.wait_for_selector("#error", state="visible")
+    assert "could not be analysed" in page.text_content("#error")
+    assert "not an image" in page.text_content("#error")
+    assert page.text_content("#result-label") == "—"
