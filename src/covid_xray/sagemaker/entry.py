@@ -107,7 +107,8 @@ def build_parser(env: SageMakerEnv) -> argparse.ArgumentParser:
     from ..training import TrainConfig
 
     parser = argparse.ArgumentParser(
-        prog="covid_xray.sagemaker.entry", description="SageMaker script-mode training for covid-xray."
+        prog="covid_xray.sagemaker.entry", description="SageMaker script-mode training for covid-xray.",
+        allow_abbrev=False,  # a misspelt hyperparameter must fail, not quietly match a longer name
     )
     parser.add_argument("--train", default=env.train, help="training data (default: $SM_CHANNEL_TRAIN)")
     parser.add_argument("--test", default=env.test, help="test data (default: $SM_CHANNEL_TEST)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import os
 import shutil
 import signal
@@ -48,11 +49,13 @@ ROLE_ENV = "SAGEMAKER_ROLE"
 LOCAL_ROLE = "arn:aws:iam::111111111111:role/service-role/AmazonSageMaker-ExecutionRole-local"
 # Where SageMaker local mode serves an endpoint (the SDK's default local.serving_port).
 LOCAL_MODE_URL = "http://localhost:8080"
+LOCAL_CODE_LOCATION = "s3://covid-xray-local-mode/code"  # never written to: see build_model
 # Any image type is fine: the endpoint sniffs the bytes, exactly as for image/jpeg or image/png.
 IMAGE_CONTENT_TYPE = "application/x-image"
 SERVING_ENV = {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code"}
 
 Log = Callable[[str], None]
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 # --- what a job and an endpoint are ---------------------------------------------------------
@@ -249,6 +252,7 @@ def build_estimator(
         base_job_name=BASE_JOB_NAME,
         max_run=max_run_s,
         disable_profiler=True,  # the profiler would start extra rule-evaluation jobs we never read
+        debugger_hook_config=False,  # no smdebug hooks in the training loop
         sagemaker_session=session,
         **extra,
     )
@@ -261,6 +265,9 @@ def build_model(instance_type: str, model_data: str, *, role: str | None = None,
     check_instance_type(instance_type)
     sagemaker = _sdk()
     session = session or make_session(instance_type)
+    # Nothing is uploaded (no entry_point); naming a code location keeps local mode from looking up,
+    # and creating, the account's default S3 bucket.
+    extra = {"code_location": LOCAL_CODE_LOCATION} if instance_type in LOCAL_MODES else {}
     return sagemaker.pytorch.PyTorchModel(
         model_data=model_data,
         role=resolve_role(instance_type, role, session),
@@ -268,6 +275,7 @@ def build_model(instance_type: str, model_data: str, *, role: str | None = None,
         py_version=PY_VERSION,
         env=dict(SERVING_ENV),
         sagemaker_session=session,
+        **extra,
     )
 
 
@@ -434,7 +442,8 @@ def _stream(procs: Mapping[str, subprocess.Popen], log: Log, *, prefix: bool) ->
         for line in proc.stdout:
             line = line.rstrip("\n")
             lines[host].append(line)
-            log(f"{host} | {line}" if prefix else line)
+            if _ANSI.sub("", line).strip():  # progress bars redraw with cursor codes: skip the empty redraws
+                log(f"{host} | {line}" if prefix else line)
 
     threads = [threading.Thread(target=pump, args=item, daemon=True) for item in procs.items()]
     for t in threads:
