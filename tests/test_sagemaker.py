@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -24,6 +25,7 @@ PY = sys.executable
 # Small and fast: synthetic 64-px images, no pretrained weights, one epoch.
 QUICK = {"epochs": 1, "weights": "none", "image-size": 64, "batch-size": 8, "bootstrap": 50}
 CLASSES = ["A", "B", "C"]
+DEMO_EPOCHS = 3  # the notebook's short schedule in CI
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -87,6 +89,8 @@ def test_entry_point_prints_every_metric_its_definitions_scrape(container_run):
     metrics = json.loads((container_run["output"] / "metrics.json").read_text())["test"]
     assert scraped["test_accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-4)
     assert scraped["test_b_sensitivity"] == pytest.approx(metrics["per_class"]["B"]["sensitivity"])
+    # Local mode rebuilds the same metrics from output.tar.gz's metrics.json (its log goes to the console).
+    assert launcher._metrics_from_output(container_run["output"]) == {k: v for k, v in scraped.items() if k != "train_seconds"}
 
 
 def test_model_serves_as_is_with_only_its_code_folder_on_the_path(container_run):
@@ -446,6 +450,22 @@ def test_two_instances_train_under_torchrun_and_write_one_model(channels, tmp_pa
     assert sum("test_accuracy=" in line for line in lines) == 1  # only rank 0 reports
 
 
+def test_simulated_hosts_never_share_a_gpu(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4")
+    assert launcher._share_gpus(1) == [["0", "1", "2", "3", "4"]]
+    assert launcher._share_gpus(2) == [["0", "1"], ["2", "3"]]
+    assert launcher._share_gpus(8) == [[]] * 8  # fewer GPUs than hosts: CPU hosts
+
+
+def test_a_failing_job_says_where_and_the_log_says_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(SRC))
+    data = make_class_tree(tmp_path / "data", ["Only"], per_class=3, size=32)
+    lines: list[str] = []
+    with pytest.raises(CovidXrayError, match=r"failed on algo-1 with exit status 2"):
+        launcher.train(data, instance_type="local-process", hyperparameters=QUICK, out=tmp_path / "out", log=lines.append)
+    assert any("covid-xray: error:" in line and "only one class" in line for line in lines)
+
+
 def test_local_process_refuses_s3_data(tmp_path):
     with pytest.raises(CovidXrayError, match="local-process reads local folders"):
         launcher.train({"train": "s3://bucket/train"}, instance_type="local-process", out=tmp_path)
@@ -455,25 +475,27 @@ def test_local_process_refuses_s3_data(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_notebook_runs_top_to_bottom(dataset_dir, tmp_path):
+def test_demo_notebook_runs_top_to_bottom(dataset_dir, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat", reason="nbformat is not installed: pip install -e '.[test]'")
     nbclient = pytest.importorskip("nbclient", reason="nbclient is not installed: pip install -e '.[test]'")
-    path = ROOT / "notebooks" / "covid_xray_demo.ipynb"
-    notebook = nbformat.read(path, as_version=4)
-    assert all(not c.get("outputs") and c.get("execution_count") is None for c in notebook.cells if c.cell_type == "code"), \
-        "commit the notebook with outputs stripped"
-    env = {"COVID_XRAY_DATA": str(dataset_dir), "COVID_XRAY_DEMO_WORKDIR": str(tmp_path), "PYTHONPATH": str(SRC)}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the kernel inherits this process's environment
-    try:
-        nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    notebook = nbformat.read(ROOT / "notebooks" / "covid_xray_demo.ipynb", as_version=4)
+    code_cells = [c for c in notebook.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code_cells), "commit the notebook with outputs stripped"
+    # The kernel inherits this environment: the real data, the short CI schedule, this source tree.
+    monkeypatch.setenv("COVID_XRAY_DATA", str(dataset_dir))
+    monkeypatch.setenv("COVID_XRAY_DEMO_EPOCHS", os.environ.get("COVID_XRAY_DEMO_EPOCHS", str(DEMO_EPOCHS)))
+    monkeypatch.setenv("COVID_XRAY_DEMO_INSTANCE_TYPE", "local-process")
+    monkeypatch.setenv("COVID_XRAY_DEMO_WORKDIR", str(tmp_path / "work"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
+    nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = "\n".join(
         o.get("text", "") + json.dumps(o.get("data", {}).get("text/plain", ""))
         for c in notebook.cells if c.cell_type == "code" for o in c.outputs
     )
     assert "Endpoint deleted" in outputs
-    correct = [line for line in outputs.splitlines() if line.startswith("CHECK predicted")]
-    assert correct and all(line.endswith("correct") for line in correct), correct
+    # The endpoint's answers on the six example images and on the whole test split.
+    shown = [line for line in outputs.splitlines() if line.startswith(("✓ ", "✗ "))]
+    assert len(shown) == 6 and sum(line.startswith("✓") for line in shown) >= 5, shown
+    # Over the whole test split the endpoint agrees with the job's own evaluation: same model, same pixels.
+    served, evaluated = re.search(r"accuracy on all 66 test images: ([0-9.]+) \(the training job's evaluation: ([0-9.]+)\)", outputs).groups()
+    assert served == evaluated

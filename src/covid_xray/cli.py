@@ -196,9 +196,9 @@ def _sagemaker_predict(args: argparse.Namespace) -> int:
     endpoint = None if "url" in described else launcher.endpoint_from_state(described)
     rows, classes = [], []
     for path in args.images:
-        image = Path(path).read_bytes() if Path(path).is_file() else None
-        if image is None:
+        if not Path(path).is_file():
             raise CovidXrayError(f"{path} is not a file")
+        image = Path(path).read_bytes()
         response = launcher.http_invoke(described["url"], image) if endpoint is None else endpoint.predict(image)
         rows.append({"path": path, **response["predictions"][0]})
         classes = response["model"]["classes"]

@@ -101,7 +101,7 @@ def _to_bool(value: str) -> bool:
 
 
 def build_parser(env: SageMakerEnv) -> argparse.ArgumentParser:
-    """One `--name value` option per `TrainConfig` field, so hyperparameters cannot drift from the
+    """One `--name value` option per scalar `TrainConfig` field, so hyperparameters cannot drift from the
     training code. Both `--image-size` and `--image_size` are accepted: users of the SageMaker SDK
     write hyperparameter names either way."""
     from ..training import TrainConfig
@@ -117,16 +117,28 @@ def build_parser(env: SageMakerEnv) -> argparse.ArgumentParser:
         "--output-data-dir", "--output_data_dir", default=env.output_data_dir,
         help="reports, plots, metrics.json ($SM_OUTPUT_DATA_DIR)",
     )
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "extra":
-            continue
-        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
-        dashed = f.name.replace("_", "-")
-        names = [f"--{dashed}"] + ([f"--{f.name}"] if dashed != f.name else [])
-        parser.add_argument(*names, dest=f.name, type=_to_bool if kind is bool else kind, default=f.default,
-                            metavar=kind.__name__.upper(), help=f"default: {f.default}")
+    defaults = TrainConfig()
+    for name, kind in _hyperparameter_fields().items():
+        dashed = name.replace("_", "-")
+        names = [f"--{dashed}"] + ([f"--{name}"] if dashed != name else [])
+        default = getattr(defaults, name)
+        parser.add_argument(*names, dest=name, type=_to_bool if kind is bool else kind, default=default,
+                            metavar=kind.__name__.upper(), help=f"default: {default}")
     return parser
+
+
+def _hyperparameter_fields() -> dict[str, type]:
+    """TrainConfig's scalar fields and their types (`int | None` → int); the others (such as
+    `extra`, a dict) are not command-line values."""
+    from ..training import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    fields: dict[str, type] = {}
+    for f in dataclasses.fields(TrainConfig):
+        kinds = [t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None)]
+        if len(kinds) == 1 and kinds[0] in (bool, int, float, str):
+            fields[f.name] = kinds[0]
+    return fields
 
 
 def hyperparameter_args(hyperparameters: typing.Mapping[str, object]) -> list[str]:
@@ -258,8 +270,7 @@ def publish_model(bundle: Path, model_dir: Path) -> None:
 def train(args: argparse.Namespace) -> int:
     from ..training import TrainConfig, train_run
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"extra"}
-    cfg = TrainConfig(**{name: getattr(args, name) for name in names})
+    cfg = TrainConfig(**{name: getattr(args, name) for name in _hyperparameter_fields()})
     out = Path(args.output_data_dir)
     with dataset_view(args.train, args.test) as data:
         result = train_run(cfg, data, out, log=lambda message: print(message, flush=True))

@@ -328,7 +328,10 @@ def train(
     return job
 
 
-def _run_sdk_job(inputs, hyperparameters, instance_type, instance_count, out: Path, role, region, log: Log) -> TrainingJob:
+def _run_sdk_job(
+    inputs: Mapping[str, str], hyperparameters: dict[str, Any], instance_type: str, instance_count: int,
+    out: Path, role: str | None, region: str | None, log: Log,
+) -> TrainingJob:
     session = make_session(instance_type, region)
     local = instance_type in LOCAL_MODES
     estimator = build_estimator(
@@ -347,10 +350,21 @@ def _run_sdk_job(inputs, hyperparameters, instance_type, instance_count, out: Pa
         output_tar = Path(job.model_data).with_name("output.tar.gz")
         if output_tar.is_file():
             job.output_dir = str(_extract(output_tar, out / job.name / "output" / "data"))
+            job.metrics = _metrics_from_output(Path(job.output_dir))
     return job
 
 
+def _metrics_from_output(output_dir: Path) -> dict[str, float]:
+    """The metrics the job's log showed, rebuilt from its metrics.json: local mode streams the
+    container's log to the console, not to us."""
+    from ..evaluation import summary_lines
+
+    test = json.loads((output_dir / "metrics.json").read_text())["test"]
+    return entry.scrape_metrics(summary_lines(test, "test"), entry.metric_definitions(list(test["per_class"])))
+
+
 def _channel_uri(value: str, name: str, session, local: bool, log: Log) -> str:
+    """Local mode reads file:// URIs; managed SageMaker reads S3, so local folders are uploaded."""
     if value.startswith(("s3://", "file://")):
         return value
     path = Path(value).resolve()
@@ -373,6 +387,53 @@ def run_local_process(
     The hosts share one root, which is fine because only rank 0 writes."""
     name = _job_name()
     root = out / name
+    code, model, output = _lay_out_root(root, inputs, hyperparameters)
+    hosts = [f"algo-{i}" for i in range(1, instance_count + 1)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(code),  # the staged copy of covid_xray runs, as in the container
+        "SM_MODEL_DIR": str(model),
+        "SM_OUTPUT_DATA_DIR": str(output / "data"),
+        "SM_OUTPUT_DIR": str(output),
+        "SM_INPUT_DIR": str(root / "input"),
+        "SM_CHANNELS": json.dumps(sorted(inputs)),
+        **{f"SM_CHANNEL_{channel.upper()}": str(root / "input" / "data" / channel) for channel in inputs},
+        "SM_HOSTS": json.dumps(hosts),
+        "SM_NUM_CPUS": str(os.cpu_count() or 1),
+        "SM_HPS": json.dumps(dict(hyperparameters)),
+        "SM_USER_ENTRY_POINT": "train.py",
+        "SM_MASTER_ADDR": "127.0.0.1",  # the hosts are all this machine
+        "SM_MASTER_PORT": str(free_port()),
+    }
+    if instance_count > 1:  # the simulated hosts share this machine's cores
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // instance_count)))
+    args = entry.hyperparameter_args(hyperparameters)
+    log(f"training job {name}: {instance_count} × local-process, root {root}")
+    procs: dict[str, subprocess.Popen] = {}
+    for host, gpus in zip(hosts, _share_gpus(instance_count)):
+        host_env = {**env, "SM_CURRENT_HOST": host, "SM_NUM_GPUS": str(len(gpus))}
+        if instance_count > 1:
+            host_env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        sm_env = entry.SageMakerEnv.from_environ(host_env)
+        cmd = entry.torchrun_command(sm_env, ["train.py"], args) if instance_count > 1 else [sys.executable, "train.py", *args]
+        procs[host] = subprocess.Popen(cmd, cwd=code, env=host_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = _stream(procs, log, prefix=instance_count > 1)
+    failed = [(host, p.returncode) for host, p in procs.items() if p.returncode != 0]
+    if failed:
+        host, status = failed[0]
+        raise CovidXrayError(f"training job {name} failed on {host} with exit status {status}: its log above says why")
+
+    config = json.loads((model / "config.json").read_text())
+    return TrainingJob(
+        name=name, instance_type=LOCAL_PROCESS, model_data=str(_tar_model(model, output / "model.tar.gz")),
+        output_dir=str(output / "data"),
+        metrics=entry.scrape_metrics(lines[hosts[0]], entry.metric_definitions(config["classes"])),
+    )
+
+
+def _lay_out_root(root: Path, inputs: Mapping[str, str], hyperparameters: Mapping[str, Any]) -> tuple[Path, Path, Path]:
+    """/opt/ml under root: code/ (the staged source_dir), input/data/<channel> (links to the data,
+    which SageMaker would have downloaded), input/config/hyperparameters.json, model/, output/data/."""
     code = stage_source_dir(root / "code")
     data = root / "input" / "data"
     data.mkdir(parents=True)
@@ -385,51 +446,9 @@ def run_local_process(
         (data / channel).symlink_to(path, target_is_directory=path.is_dir())
     (root / "input" / "config").mkdir()
     (root / "input" / "config" / "hyperparameters.json").write_text(json.dumps({k: str(v) for k, v in hyperparameters.items()}))
-    model, output = root / "model", root / "output"
-    model.mkdir()
-    (output / "data").mkdir(parents=True)
-
-    hosts = [f"algo-{i}" for i in range(1, instance_count + 1)]
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(code),  # the staged copy of covid_xray runs, as in the container
-        "SM_MODEL_DIR": str(model),
-        "SM_OUTPUT_DATA_DIR": str(output / "data"),
-        "SM_OUTPUT_DIR": str(output),
-        "SM_INPUT_DIR": str(root / "input"),
-        "SM_CHANNELS": json.dumps(sorted(inputs)),
-        **{f"SM_CHANNEL_{channel.upper()}": str(data / channel) for channel in inputs},
-        "SM_HOSTS": json.dumps(hosts),
-        "SM_NUM_GPUS": str(_gpu_count()),
-        "SM_NUM_CPUS": str(os.cpu_count() or 1),
-        "SM_HPS": json.dumps(dict(hyperparameters)),
-        "SM_USER_ENTRY_POINT": "train.py",
-        "SM_MASTER_ADDR": "127.0.0.1",  # the hosts are all this machine
-        "SM_MASTER_PORT": str(free_port()),
-    }
-    if instance_count > 1:  # the simulated hosts share this machine's cores
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // instance_count)))
-    args = entry.hyperparameter_args(hyperparameters)
-    log(f"training job {name}: {instance_count} × local-process, root {root}")
-    procs: dict[str, subprocess.Popen] = {}
-    for host in hosts:
-        host_env = {**env, "SM_CURRENT_HOST": host}
-        sm_env = entry.SageMakerEnv.from_environ(host_env)
-        cmd = entry.torchrun_command(sm_env, ["train.py"], args) if instance_count > 1 else [sys.executable, "train.py", *args]
-        procs[host] = subprocess.Popen(cmd, cwd=code, env=host_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = _stream(procs, log, prefix=instance_count > 1)
-    failed = [(host, p.returncode) for host, p in procs.items() if p.returncode != 0]
-    if failed:
-        host, status = failed[0]
-        tail = "\n".join(lines[host][-5:])
-        raise CovidXrayError(f"training job {name} failed on {host} (exit status {status}); the end of its log:\n{tail}")
-
-    config = json.loads((model / "config.json").read_text())
-    return TrainingJob(
-        name=name, instance_type=LOCAL_PROCESS, model_data=str(_tar_model(model, output / "model.tar.gz")),
-        output_dir=str(output / "data"),
-        metrics=entry.scrape_metrics(lines[hosts[0]], entry.metric_definitions(config["classes"])),
-    )
+    (root / "model").mkdir()
+    (root / "output" / "data").mkdir(parents=True)
+    return code, root / "model", root / "output"
 
 
 def _stream(procs: Mapping[str, subprocess.Popen], log: Log, *, prefix: bool) -> dict[str, list[str]]:
@@ -461,10 +480,15 @@ def _stream(procs: Mapping[str, subprocess.Popen], log: Log, *, prefix: bool) ->
     return lines
 
 
-def _gpu_count() -> int:
+def _share_gpus(hosts: int) -> list[list[str]]:
+    """This machine's GPUs split evenly between the simulated hosts (none each when there are
+    fewer GPUs than hosts: then they train on CPU), so no two hosts' processes share a GPU."""
     import torch
 
-    return torch.cuda.device_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    per_host = len(ids) // hosts
+    return [ids[i * per_host : (i + 1) * per_host] for i in range(hosts)]
 
 
 def _tar_model(model_dir: Path, target: Path) -> Path:
