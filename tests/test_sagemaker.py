@@ -353,6 +353,13 @@ def test_cli_prints_the_sentence_not_a_traceback(monkeypatch, capsys, channels, 
         cli.main(["serve", "bundle", "--epochs", "1"])
 
 
+def test_a_local_mode_endpoint_is_deleted_by_its_deploy_command():
+    endpoint = launcher.endpoint_from_state({"kind": "local", "name": "covid-xray-x", "url": launcher.LOCAL_MODE_URL})
+    assert isinstance(endpoint, launcher.LocalModeEndpoint) and endpoint.url == "http://localhost:8080"
+    with pytest.raises(CovidXrayError, match="press Ctrl-C there"):
+        endpoint.delete_endpoint()
+
+
 def test_local_gpu_runs_one_instance():
     with pytest.raises(CovidXrayError, match="local_gpu"):
         launcher.check_instance_type("local_gpu", 2)

@@ -171,8 +171,8 @@ def _sagemaker_deploy(args: argparse.Namespace) -> int:
 
     job = launcher.TrainingJob(**launcher.load_state(args.job_dir)["job"])
     endpoint = launcher.deploy(job, instance_type=args.instance_type, role=args.role, region=args.region, port=args.port)
-    launcher.save_state(args.job_dir, endpoint=endpoint.describe())
     described = endpoint.describe()
+    launcher.save_state(args.job_dir, endpoint=described)
     print(f"endpoint: {described.get('url') or described['name']}")
     if described["kind"] in launcher.LOCAL_MODES:  # a local-mode endpoint lives as long as this process
         print("serving until Ctrl-C", flush=True)
@@ -190,16 +190,14 @@ def _sagemaker_deploy(args: argparse.Namespace) -> int:
 def _sagemaker_predict(args: argparse.Namespace) -> int:
     from .sagemaker import launcher
 
-    described = launcher.load_state(args.job_dir).get("endpoint")
-    if not described:
-        raise CovidXrayError(f"no endpoint deployed for {args.job_dir}: run 'covid-xray sagemaker deploy --job-dir {args.job_dir}'")
-    endpoint = None if "url" in described else launcher.endpoint_from_state(described)
+    endpoint = launcher.recorded_endpoint(args.job_dir)
+    if endpoint is None:
+        raise CovidXrayError(f"no endpoint deployed from {args.job_dir}: run 'covid-xray sagemaker deploy --job-dir {args.job_dir}'")
     rows, classes = [], []
     for path in args.images:
         if not Path(path).is_file():
             raise CovidXrayError(f"{path} is not a file")
-        image = Path(path).read_bytes()
-        response = launcher.http_invoke(described["url"], image) if endpoint is None else endpoint.predict(image)
+        response = endpoint.predict(Path(path).read_bytes())  # one request per image, as a client would
         rows.append({"path": path, **response["predictions"][0]})
         classes = response["model"]["classes"]
     if args.json:
@@ -212,16 +210,13 @@ def _sagemaker_predict(args: argparse.Namespace) -> int:
 def _sagemaker_cleanup(args: argparse.Namespace) -> int:
     from .sagemaker import launcher
 
-    described = launcher.load_state(args.job_dir).get("endpoint")
-    if not described:
+    endpoint = launcher.recorded_endpoint(args.job_dir)
+    if endpoint is None:
         print("no endpoint to delete")
         return 0
-    if described["kind"] in launcher.LOCAL_MODES:
-        print("a local-mode endpoint stops with its 'deploy' command: press Ctrl-C there")
-    else:
-        launcher.endpoint_from_state(described).delete_endpoint()
-        print(f"deleted endpoint {described.get('name') or described['url']}")
+    endpoint.delete_endpoint()
     launcher.save_state(args.job_dir, endpoint=None)
+    print("endpoint deleted")
     return 0
 
 

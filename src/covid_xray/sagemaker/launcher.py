@@ -669,9 +669,30 @@ def http_invoke(url: str, image: bytes, content_type: str = IMAGE_CONTENT_TYPE, 
         raise CovidXrayError(f"no endpoint answering at {url} ({getattr(e, 'reason', e)}): deploy it first") from None
 
 
-def endpoint_from_state(described: Mapping[str, Any]) -> LocalProcessEndpoint | SageMakerEndpoint:
-    """The endpoint that `deploy` recorded, from another process."""
-    if described["kind"] == LOCAL_PROCESS:
+class LocalModeEndpoint:
+    """A local-mode endpoint seen from another process: reachable over HTTP, but owned (and
+    deleted) by the process that deployed it."""
+
+    def __init__(self, url: str = LOCAL_MODE_URL):
+        self.url = url
+
+    def predict(self, image: bytes) -> dict[str, Any]:
+        return http_invoke(self.url, image)
+
+    def delete_endpoint(self) -> None:
+        raise CovidXrayError("a local-mode endpoint lives as long as the 'deploy' command serving it: press Ctrl-C there")
+
+
+def endpoint_from_state(described: Mapping[str, Any]) -> LocalProcessEndpoint | LocalModeEndpoint | SageMakerEndpoint:
+    """The endpoint that `deploy` recorded (`describe()`), from another process."""
+    kind = described["kind"]
+    if kind == LOCAL_PROCESS:
         return LocalProcessEndpoint(described["url"], described["pid"], described["model_dir"])
-    session = make_session(described["kind"], described.get("region"))
-    return SageMakerEndpoint(_sdk_predictor(described["name"], session), described["kind"])
+    if kind in LOCAL_MODES:
+        return LocalModeEndpoint(described["url"])
+    return SageMakerEndpoint(_sdk_predictor(described["name"], make_session(kind, described.get("region"))), kind)
+
+
+def recorded_endpoint(job_dir: str | os.PathLike) -> LocalProcessEndpoint | LocalModeEndpoint | SageMakerEndpoint | None:
+    described = load_state(job_dir).get("endpoint")
+    return endpoint_from_state(described) if described else None
