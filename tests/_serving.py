@@ -31,7 +31,7 @@ def png_bomb(width: int = 50_000, height: int = 50_000) -> bytes:
 
 def dicom_bytes(pixels: np.ndarray | None = None, *, rows: int | None = None, columns: int | None = None) -> bytes:
     """A minimal 16-bit MONOCHROME2 DICOM file; rows/columns override the header (for bombs)."""
-    from pydicom.dataset import FileMetaDataset, FileDataset
+    from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
     if pixels is None:

@@ -7,10 +7,10 @@ import inspect
 import json
 
 import pytest
-from fastapi.testclient import TestClient
-
 from _serving import wait_ready
 from conftest import encode, xray_like
+from fastapi.testclient import TestClient
+
 from covid_xray.protocol import RequestError
 from covid_xray.sagemaker import handlers
 from covid_xray.server import create_app

@@ -12,10 +12,10 @@ from contextlib import ExitStack
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
-
 from _serving import dicom_bytes, png_bomb, wait_ready
 from conftest import encode, xray_like
+from fastapi.testclient import TestClient
+
 from covid_xray.inference import Predictor
 from covid_xray.server import Batcher, QueueFull, ServerSettings, create_app
 
@@ -323,6 +323,23 @@ def test_batcher_waits_for_a_request_still_decoding():
     assert model.sizes == [2]
 
 
+def test_batcher_threads_share_the_queue_and_run_at_once():
+    meet = threading.Barrier(2, timeout=10)
+
+    def model(images: np.ndarray) -> np.ndarray:
+        meet.wait()  # only passes if two forward passes are in flight together
+        return images.reshape(len(images), -1)[:, :2].astype(np.float32)
+
+    batcher = Batcher(model, max_batch_size=8, max_wait_s=0.0, queue_size=8, threads=2).start()
+    try:
+        time.sleep(0.2)  # both threads waiting for work
+        futures = batcher.submit(np.zeros((2, 2, 2), np.uint8))
+        [f.result(10) for f in futures]
+    finally:
+        batcher.close()
+    assert batcher.stats()["batch_size_histogram"] == {"1": 2}  # split, not one batch of 2
+
+
 def test_batcher_bounds_its_queue():
     model = GatedModel()
     batcher = Batcher(model, max_batch_size=1, max_wait_s=0.0, queue_size=2).start()
@@ -338,3 +355,29 @@ def test_batcher_bounds_its_queue():
     finally:
         model.release.set()
         batcher.close()
+
+
+# --- a real model on real X-rays -------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_trained_bundle_served_scores_like_its_evaluation(trained_run, dataset_dir):
+    """The endpoint is the evaluated model: over the real test split it gets the accuracy that
+    training reported, so nothing in the serving path changes what the model sees."""
+    from covid_xray.data import discover
+
+    bundle = trained_run["run_dir"] / "model"
+    dataset = discover(dataset_dir)
+    samples = dataset["test"]
+    labels: list[str] = []
+    with TestClient(create_app(bundle)) as client:
+        wait_ready(client)
+        for start in range(0, len(samples), 16):
+            chunk = samples[start : start + 16]
+            r = post(client, b64_doc(*(s.path.read_bytes() for s in chunk)), "application/json")
+            assert r.status_code == 200, r.text
+            labels += [p["label"] for p in r.json()["predictions"]]
+    accuracy = np.mean([label == dataset.classes[s.label] for label, s in zip(labels, samples, strict=True)])
+    reported = trained_run["metrics"]["test"]
+    assert len(samples) == reported["n"]
+    assert accuracy == pytest.approx(reported["accuracy"], abs=1.01 / reported["n"])  # at most one borderline flip

@@ -11,7 +11,7 @@ import csv
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -92,7 +92,8 @@ class PredictionCSV:
         exists = resume and self.path.is_file() and self.path.stat().st_size > 0
         if exists:
             self.done = self._read_done()
-        self._file = open(self.path, "a" if exists else "w", newline="", encoding="utf-8")
+        # Held open across many writes (closed by close()/__exit__), so rows stream out as they come.
+        self._file = open(self.path, "a" if exists else "w", newline="", encoding="utf-8")  # noqa: SIM115
         self._writer = csv.writer(self._file)
         if not exists:
             self._writer.writerow(self.header)
@@ -120,7 +121,7 @@ class PredictionCSV:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "PredictionCSV":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

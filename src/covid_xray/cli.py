@@ -141,7 +141,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings = ServerSettings(
             max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
             max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_instances=args.max_instances,
-        )
+        ).for_processes(args.workers, args.inference_threads)
     except ValueError as e:
         raise CovidXrayError(str(e)) from None
     serve(args.bundle, host=args.host, port=args.port, workers=args.workers, settings=settings, log_level=args.log_level)
@@ -316,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", type=int, default=64, help="images waiting beyond which requests get 503")
     p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body accepted (413 above)")
     p.add_argument("--max-instances", type=int, default=32, help="most images in one JSON request")
+    p.add_argument("--inference-threads", type=int, help="threads running the shared model (default: min(2, CPUs per worker))")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_serve)
 

@@ -19,43 +19,66 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from . import protocol
 from .protocol import RequestError
 
+if TYPE_CHECKING:
+    from .inference import Predictor
+
 log = logging.getLogger("covid_xray.server")
 SETTINGS_ENV = "COVID_XRAY_SERVE"  # how `serve --workers N` hands settings to each worker process
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
 class ServerSettings:
     max_batch_size: int = 8
     max_wait_ms: float = 5.0  # longest a batch waits for requests that are still being decoded
-    queue_size: int = 64  # images waiting for the model, beyond which requests get 503
+    queue_size: int = 64  # requests decoding + images waiting, beyond which requests get 503
     max_body_bytes: int = protocol.DEFAULT_MAX_BODY_BYTES
     max_instances: int = protocol.DEFAULT_MAX_INSTANCES
-    decode_threads: int = max(2, os.cpu_count() or 1)
+    decode_threads: int = max(2, _cpus())
+    # Threads that run the (one, shared) model on batches. On CPU a small CNN gains little from
+    # batching or from intra-op threads, but two single-threaded forward passes use two cores fully.
+    inference_threads: int = min(2, _cpus())
+    torch_threads: int | None = None  # intra-op threads per inference thread; None leaves torch's setting
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "queue_size", "max_body_bytes", "max_instances", "decode_threads"):
-            if getattr(self, name) < 1:
+        for name in ("max_batch_size", "queue_size", "max_body_bytes", "max_instances", "decode_threads",
+                     "inference_threads", "torch_threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_wait_ms < 0:
             raise ValueError("max_wait_ms must be >= 0")
 
+    def for_processes(self, workers: int, inference_threads: int | None = None) -> ServerSettings:
+        """Share the cores among `workers` processes: inference threads (unless given) and torch
+        threads (unless set) are sized so that all model threads together use each core once."""
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        threads = inference_threads or max(1, min(2, _cpus() // workers))
+        torch_threads = self.torch_threads or max(1, _cpus() // (workers * threads))
+        return replace(self, inference_threads=threads, torch_threads=torch_threads)
+
 
 class QueueFull(RequestError):
     def __init__(self, limit: int):
-        super().__init__(503, f"server busy: {limit} images already waiting; retry shortly")
+        super().__init__(503, f"server busy: {limit} requests already in progress; retry shortly")
 
 
 @dataclass
@@ -65,33 +88,40 @@ class _Item:
 
 
 class Batcher:
-    """Runs `predict` (uint8 N×S×S → N×C) on micro-batches in one thread.
+    """Runs `predict` (uint8 N×S×S → N×C) on micro-batches in `threads` threads sharing one model.
 
     A batch is sent to the model when it is full, when `max_wait` has passed, or at once when no
     other request is still being decoded: a lone client never pays the wait, concurrent ones share
-    a forward pass. The queue is bounded so overload turns into fast 503s instead of memory growth.
+    a forward pass. Idle threads split what is queued between them, so no core waits while another
+    works through a long batch. The queue is bounded so overload turns into fast 503s instead of
+    memory growth and ever-longer waits.
     """
 
     def __init__(self, predict: Callable[[np.ndarray], np.ndarray], *, max_batch_size: int = 8,
-                 max_wait_s: float = 0.005, queue_size: int = 64):
-        self._predict = predict
+                 max_wait_s: float = 0.005, queue_size: int = 64, threads: int = 1,
+                 initializer: Callable[[], None] | None = None):
+        self._predict, self._initializer = predict, initializer
         self.max_batch_size, self.max_wait_s, self.queue_size = max_batch_size, max_wait_s, queue_size
         self._queue: collections.deque[_Item] = collections.deque()
         self._cond = threading.Condition()
         self._incoming = 0  # requests admitted and still decoding
+        self._idle = 0  # inference threads looking for work
         self._closed = False
         self.batch_sizes: collections.Counter[int] = collections.Counter()
-        self._thread = threading.Thread(target=self._run, name="covid-xray-batcher", daemon=True)
+        self._threads = [threading.Thread(target=self._run, name=f"covid-xray-infer-{i}", daemon=True)
+                         for i in range(threads)]
 
-    def start(self) -> "Batcher":
-        self._thread.start()
+    def start(self) -> Batcher:
+        for thread in self._threads:
+            thread.start()
         return self
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout=30)
+        for thread in self._threads:
+            thread.join(timeout=30)
 
     @contextmanager
     def admit(self):
@@ -130,24 +160,34 @@ class Batcher:
             "max_batch_size_seen": max(sizes, default=0),
             "batch_size_histogram": {str(k): v for k, v in sizes.items()},
             "queued": queued,
+            "inference_threads": len(self._threads),
         }
 
     def _take(self) -> list[_Item] | None:
         with self._cond:
-            while not self._queue and not self._closed:
-                self._cond.wait()
-            if not self._queue:
-                return None
-            deadline = time.monotonic() + self.max_wait_s
-            while len(self._queue) < self.max_batch_size and self._incoming > 0 and not self._closed:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-            n = min(len(self._queue), self.max_batch_size)
-            return [self._queue.popleft() for _ in range(n)]
+            self._idle += 1
+            try:
+                while True:
+                    while not self._queue and not self._closed:
+                        self._cond.wait()
+                    if not self._queue:
+                        return None  # closed and drained
+                    deadline = time.monotonic() + self.max_wait_s
+                    while len(self._queue) < self.max_batch_size and self._incoming > 0 and not self._closed:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._cond.wait(remaining)
+                    if self._queue:  # another thread may have taken everything meanwhile
+                        share = -(-len(self._queue) // self._idle)  # ceil: split the queue among idle threads
+                        n = min(share, self.max_batch_size)
+                        return [self._queue.popleft() for _ in range(n)]
+            finally:
+                self._idle -= 1
 
     def _run(self) -> None:
+        if self._initializer:
+            self._initializer()
         while (batch := self._take()) is not None:
             live = [item for item in batch if item.future.set_running_or_notify_cancel()]
             if not live:
@@ -169,7 +209,7 @@ class ModelState:
     """The loaded model, or why there is none yet: `/ping` reports it, `/invocations` needs it."""
 
     def __init__(self) -> None:
-        self.predictor = None
+        self.predictor: Predictor | None = None
         self.batcher: Batcher | None = None
         self.identity: dict[str, Any] | None = None
         self.error: str | None = None
@@ -182,11 +222,12 @@ class ModelState:
         from .inference import Predictor
 
         try:
+            _set_torch_threads(settings.torch_threads)
             predictor = Predictor.from_bundle(bundle)
             # Warm up both shapes we will see most, so the first clients do not pay for setup.
             for n in sorted({1, settings.max_batch_size}):
                 predictor.probabilities(np.zeros((n, predictor.size, predictor.size), np.uint8))
-        except Exception as e:  # reported on /ping and in the log; the process keeps answering
+        except Exception as e:  # noqa: BLE001 - any load failure is reported on /ping and in the log
             self.error = f"{type(e).__name__}: {e}" if not isinstance(e, protocol.CovidXrayError) else str(e)
             log.error("cannot load model bundle %s: %s", bundle, self.error)
             return
@@ -194,12 +235,21 @@ class ModelState:
         self.batcher = Batcher(
             predictor.probabilities, max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000, queue_size=settings.queue_size,
+            threads=settings.inference_threads, initializer=partial(_set_torch_threads, settings.torch_threads),
         ).start()
         log.info("model ready: %s (%s)", self.identity["backbone"], self.identity["fingerprint"])
 
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.close()
+
+
+def _set_torch_threads(n: int | None) -> None:
+    # Called in each thread that runs the model: with OpenMP the thread count is per thread.
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
 
 
 def _json(document: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -222,16 +272,21 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise RequestError(400, "invalid Content-Length header")
         protocol.check_size(int(declared), limit)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestError(413, f"request body exceeds the limit of {limit:,} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise RequestError(413, f"request body exceeds the limit of {limit:,} bytes")
+    except ClientDisconnect:  # nobody is left to answer; keep it out of the error log
+        raise RequestError(400, "the client disconnected before sending the whole body") from None
     return bytes(body)
 
 
-def create_app(bundle_path: str | os.PathLike, settings: ServerSettings | None = None) -> FastAPI:
-    """The endpoint for one bundle. The model loads in the background when the app starts, so
-    `/ping` can answer 503 ("loading") at once and 200 when predictions are possible."""
+def create_app(bundle_path: str | os.PathLike, settings: ServerSettings | None = None, *,
+               load_in_background: bool = True) -> FastAPI:
+    """The endpoint for one bundle. By default the model loads in the background when the app
+    starts, so `/ping` answers 503 ("loading") at once and 200 when predictions are possible.
+    With `load_in_background=False` the app accepts no connection before the model is ready."""
     settings = settings or ServerSettings()
     bundle = Path(bundle_path)
     state = ModelState()
@@ -239,8 +294,10 @@ def create_app(bundle_path: str | os.PathLike, settings: ServerSettings | None =
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loader = threading.Thread(target=state.load, args=(bundle, settings), name="covid-xray-load", daemon=True)
-        loader.start()
+        if load_in_background:
+            threading.Thread(target=state.load, args=(bundle, settings), name="covid-xray-load", daemon=True).start()
+        else:
+            await asyncio.to_thread(state.load, bundle, settings)
         try:
             yield
         finally:
@@ -306,9 +363,12 @@ def create_app(bundle_path: str | os.PathLike, settings: ServerSettings | None =
 
 
 def app_from_env() -> FastAPI:
-    """Factory for `uvicorn --factory` in each worker process of `serve --workers N`."""
+    """Factory for `uvicorn --factory` in each worker process of `serve --workers N`.
+
+    Workers share one listening socket, so a worker still loading its model must not take
+    connections (it would answer 503 while its siblings are ready): each loads before serving."""
     spec = json.loads(os.environ[SETTINGS_ENV])
-    return create_app(spec["bundle"], ServerSettings(**spec["settings"]))
+    return create_app(spec["bundle"], ServerSettings(**spec["settings"]), load_in_background=False)
 
 
 def serve(bundle: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8080, workers: int = 1,
@@ -316,10 +376,8 @@ def serve(bundle: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 808
     """Run the endpoint under uvicorn until interrupted."""
     import uvicorn
 
-    settings = settings or ServerSettings()
+    settings = settings or ServerSettings().for_processes(workers)
     if workers > 1:
-        # Each worker is a process with its own model; share the cores instead of oversubscribing.
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
         os.environ[SETTINGS_ENV] = json.dumps({"bundle": str(Path(bundle).resolve()), "settings": asdict(settings)})
         uvicorn.run("covid_xray.server:app_from_env", factory=True, host=host, port=port, workers=workers,
                     log_level=log_level)
