@@ -14,8 +14,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 from conftest import encode, make_class_tree, xray_like
+
 from covid_xray.errors import CovidXrayError
 from covid_xray.sagemaker import entry, launcher
 
@@ -61,7 +61,7 @@ def container_run(channels, tmp_path_factory) -> dict:
         "SM_HOSTS": '["algo-1"]', "SM_CURRENT_HOST": "algo-1", "SM_NUM_GPUS": "0",
     }
     args = entry.hyperparameter_args({**QUICK, "amp": "False"})  # booleans arrive as 'True'/'False'
-    result = subprocess.run([PY, "train.py", *args], cwd=code, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([PY, "train.py", *args], check=False, cwd=code, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return {"model": model, "output": output, "stdout": result.stdout}
 
@@ -110,7 +110,8 @@ print(json.dumps({"accept": accept, "response": json.loads(payload)}))
     code = container_run["model"] / "code"
     result = subprocess.run(
         [PY, "-c", script, str(code), str(container_run["model"]), str(image)],
-        cwd=code, env={**subprocess_env(), "PYTHONPATH": str(code)}, capture_output=True, text=True, timeout=300,
+        check=False, cwd=code, env={**subprocess_env(), "PYTHONPATH": str(code)}, capture_output=True, text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     answer = json.loads(result.stdout.splitlines()[-1])
@@ -324,6 +325,11 @@ def test_missing_credentials_and_region_are_one_sentence_each(sdk, monkeypatch, 
 
 def test_missing_role_is_one_sentence(sdk, offline_boto, source_dir, monkeypatch):
     monkeypatch.delenv(launcher.ROLE_ENV, raising=False)
+
+    def not_a_role(session):  # what the SDK says on a laptop, where the caller is a user, not a role
+        raise ValueError("The current AWS identity is not a role")
+
+    monkeypatch.setattr(sdk, "get_execution_role", not_a_role)
     session = sdk.Session(boto_session=offline_boto)
     with pytest.raises(CovidXrayError, match=r"^no SageMaker execution role: pass --role"):
         launcher.build_estimator("ml.m5.xlarge", source_dir=source_dir, session=session)
@@ -371,7 +377,8 @@ def test_local_gpu_runs_one_instance():
 
 
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run([PY, "-m", "covid_xray.cli", *args], env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([PY, "-m", "covid_xray.cli", *args], check=False, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
@@ -393,7 +400,8 @@ def test_cli_train_deploy_predict_cleanup(channels, tmp_path):
     plain = tmp_path / "plain"
     run_cli("train", "--data", str(data), "--out", str(plain), "--weights", "none", "--image-size", "64",
             "--batch-size", "8", "--epochs", "1")
-    ours = json.loads(tarfile.open(model_data).extractfile("config.json").read())
+    with tarfile.open(model_data) as tar:
+        ours = json.loads(tar.extractfile("config.json").read())
     theirs = json.loads((plain / "model" / "config.json").read_text())
     assert set(ours) == set(theirs) and ours["format_version"] == theirs["format_version"]
     assert ours["files"].keys() == theirs["files"].keys() == {"model.safetensors"}
@@ -455,6 +463,28 @@ def test_two_instances_train_under_torchrun_and_write_one_model(channels, tmp_pa
         config = json.loads(tar.extractfile("config.json").read())
     assert config["training"]["processes"] == 2  # one process group across both hosts
     assert sum("test_accuracy=" in line for line in lines) == 1  # only rank 0 reports
+
+
+def test_entry_point_joins_sm_hosts_itself_when_started_without_torchrun(channels, tmp_path):
+    """A two-host job without `torch_distributed`: SageMaker starts train.py plainly on each host,
+    and the entry point starts torchrun itself from SM_HOSTS / SM_CURRENT_HOST."""
+    code = launcher.stage_source_dir(tmp_path / "code")
+    model, output = tmp_path / "model", tmp_path / "output"
+    env = {
+        **subprocess_env(), "PYTHONPATH": str(code),
+        "SM_CHANNEL_TRAIN": str(channels["train"]), "SM_CHANNEL_TEST": str(channels["test"]),
+        "SM_MODEL_DIR": str(model), "SM_OUTPUT_DATA_DIR": str(output), "SM_HOSTS": '["algo-1", "algo-2"]',
+        "SM_NUM_GPUS": "0", "SM_MASTER_ADDR": "127.0.0.1", "SM_MASTER_PORT": str(launcher.free_port()),
+    }
+    hosts = [
+        subprocess.Popen([PY, "train.py", *entry.hyperparameter_args(QUICK)], cwd=code, env={**env, "SM_CURRENT_HOST": host},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for host in ("algo-1", "algo-2")
+    ]
+    logs = [host.communicate(timeout=600)[0] for host in hosts]
+    assert [host.returncode for host in hosts] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert json.loads((model / "config.json").read_text())["training"]["processes"] == 2
+    assert "test_accuracy=" in logs[0] and "test_accuracy=" not in logs[1]
 
 
 def test_simulated_hosts_never_share_a_gpu(monkeypatch):

@@ -67,7 +67,7 @@ class SageMakerEnv:
     master_port: int
 
     @classmethod
-    def from_environ(cls, environ: typing.Mapping[str, str] = os.environ) -> "SageMakerEnv":
+    def from_environ(cls, environ: typing.Mapping[str, str] = os.environ) -> SageMakerEnv:
         hosts = tuple(json.loads(environ.get("SM_HOSTS", '["algo-1"]')))
         current = environ.get("SM_CURRENT_HOST", hosts[0])
         if current not in hosts:
@@ -112,7 +112,9 @@ def build_parser(env: SageMakerEnv) -> argparse.ArgumentParser:
     )
     parser.add_argument("--train", default=env.train, help="training data (default: $SM_CHANNEL_TRAIN)")
     parser.add_argument("--test", default=env.test, help="test data (default: $SM_CHANNEL_TEST)")
-    parser.add_argument("--model-dir", "--model_dir", default=env.model_dir, help="where the bundle goes ($SM_MODEL_DIR)")
+    parser.add_argument(
+        "--model-dir", "--model_dir", default=env.model_dir, help="where the bundle goes ($SM_MODEL_DIR)"
+    )
     parser.add_argument(
         "--output-data-dir", "--output_data_dir", default=env.output_data_dir,
         help="reports, plots, metrics.json ($SM_OUTPUT_DATA_DIR)",
@@ -288,14 +290,15 @@ def main(argv: list[str] | None = None) -> int:
         # Several hosts or GPUs but no torchrun around us (no `torch_distributed` in the job):
         # start it ourselves, as AWS's toolkit would have, so every host and GPU takes part.
         if not under_torchrun() and (len(env.hosts) > 1 or env.processes_per_host > 1):
-            return subprocess.call(torchrun_command(env, ["-m", __name__], argv), env={**os.environ, "PYTHONPATH": _pythonpath()})
+            command = torchrun_command(env, ["-m", __name__], argv)
+            return subprocess.call(command, env={**os.environ, "PYTHONPATH": child_pythonpath()})
         return train(args)
     except CovidXrayError as e:
         print(f"covid-xray: error: {e}", file=sys.stderr)
         return 2
 
 
-def _pythonpath() -> str:
+def child_pythonpath() -> str:
     """The children must import the same covid_xray as this process, wherever it came from."""
     return os.pathsep.join(filter(None, [str(PACKAGE_DIR.parent), os.environ.get("PYTHONPATH")]))
 

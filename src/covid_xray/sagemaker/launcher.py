@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import os
+import re
 import shutil
 import signal
 import socket
@@ -74,6 +74,9 @@ class TrainingJob:
 
 
 class Endpoint(Protocol):
+    """What every endpoint here offers, like the SDK's Predictor: `predict` answers with the
+    endpoint's JSON (`predictions`, one per image, and `model`)."""
+
     def predict(self, image: bytes) -> dict[str, Any]: ...
 
     def delete_endpoint(self) -> None: ...
@@ -93,7 +96,9 @@ def save_state(job_dir: str | os.PathLike, **entries: Any) -> Path:
 def load_state(job_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(job_dir) / STATE_FILE
     if not path.is_file():
-        raise CovidXrayError(f"no SageMaker job recorded in {job_dir}: run 'covid-xray sagemaker train --out {job_dir}' first")
+        raise CovidXrayError(
+            f"no SageMaker job recorded in {job_dir}: run 'covid-xray sagemaker train --job-dir {job_dir}' first"
+        )
     return json.loads(path.read_text())
 
 
@@ -104,7 +109,7 @@ def docker_available() -> bool:
     if not shutil.which("docker"):
         return False
     try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
+        return subprocess.run(["docker", "info"], check=False, capture_output=True, timeout=20).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -176,9 +181,11 @@ def resolve_role(instance_type: str, role: str | None, session) -> str:
     role = role or os.environ.get(ROLE_ENV)
     if role:
         return role
+    from botocore.exceptions import BotoCoreError, ClientError
+
     try:  # works inside SageMaker notebooks and Studio, where the role is the notebook's
         return _sdk().get_execution_role(session)
-    except Exception:
+    except (ValueError, BotoCoreError, ClientError):  # not a role, or AWS would not say
         raise CovidXrayError(
             f"no SageMaker execution role: pass --role arn:aws:iam::ACCOUNT:role/NAME or set {ROLE_ENV}"
         ) from None
@@ -314,7 +321,8 @@ def train(
     mapping. Everything local (source, model, reports, the job record) goes under `out`."""
     instance_type = instance_type or default_instance_type()
     check_instance_type(instance_type, instance_count)
-    inputs = {name: str(value) for name, value in (inputs.items() if isinstance(inputs, Mapping) else channels(inputs).items())}
+    named = inputs if isinstance(inputs, Mapping) else channels(inputs)
+    inputs = {name: str(value) for name, value in named.items()}
     if "train" not in inputs:
         raise CovidXrayError("no 'train' channel: pass the training data")
     hyperparameters = dict(hyperparameters or {})
@@ -415,8 +423,13 @@ def run_local_process(
         if instance_count > 1:
             host_env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         sm_env = entry.SageMakerEnv.from_environ(host_env)
-        cmd = entry.torchrun_command(sm_env, ["train.py"], args) if instance_count > 1 else [sys.executable, "train.py", *args]
-        procs[host] = subprocess.Popen(cmd, cwd=code, env=host_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if instance_count > 1:
+            cmd = entry.torchrun_command(sm_env, ["train.py"], args)
+        else:
+            cmd = [sys.executable, "train.py", *args]
+        procs[host] = subprocess.Popen(
+            cmd, cwd=code, env=host_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
     lines = _stream(procs, log, prefix=instance_count > 1)
     failed = [(host, p.returncode) for host, p in procs.items() if p.returncode != 0]
     if failed:
@@ -431,7 +444,9 @@ def run_local_process(
     )
 
 
-def _lay_out_root(root: Path, inputs: Mapping[str, str], hyperparameters: Mapping[str, Any]) -> tuple[Path, Path, Path]:
+def _lay_out_root(
+    root: Path, inputs: Mapping[str, str], hyperparameters: Mapping[str, Any]
+) -> tuple[Path, Path, Path]:
     """/opt/ml under root: code/ (the staged source_dir), input/data/<channel> (links to the data,
     which SageMaker would have downloaded), input/config/hyperparameters.json, model/, output/data/."""
     code = stage_source_dir(root / "code")
@@ -445,7 +460,8 @@ def _lay_out_root(root: Path, inputs: Mapping[str, str], hyperparameters: Mappin
             raise CovidXrayError(f"channel {channel}: {path} does not exist")
         (data / channel).symlink_to(path, target_is_directory=path.is_dir())
     (root / "input" / "config").mkdir()
-    (root / "input" / "config" / "hyperparameters.json").write_text(json.dumps({k: str(v) for k, v in hyperparameters.items()}))
+    as_strings = {name: str(value) for name, value in hyperparameters.items()}  # as SageMaker writes them
+    (root / "input" / "config" / "hyperparameters.json").write_text(json.dumps(as_strings))
     (root / "model").mkdir()
     (root / "output" / "data").mkdir(parents=True)
     return code, root / "model", root / "output"
@@ -525,17 +541,17 @@ class LocalProcessEndpoint:
 
     @classmethod
     def start(cls, model_data: str | os.PathLike, workdir: str | os.PathLike, *, port: int | None = None,
-              timeout_s: float = 180) -> "LocalProcessEndpoint":
+              timeout_s: float = 180) -> LocalProcessEndpoint:
         workdir = Path(workdir).resolve()
         model_dir = _extract(Path(model_data), workdir / "model")
         port = port or free_port()
-        log_file = open(workdir / "serve.log", "wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "covid_xray.cli", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port)],
-            stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": entry._pythonpath()},
-            start_new_session=True,  # outlives the `deploy` command; `cleanup` stops it
-        )
-        log_file.close()
+        with open(workdir / "serve.log", "wb") as log_file:  # the server keeps its own copy of the descriptor
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "covid_xray.cli", "serve", str(model_dir),
+                 "--host", "127.0.0.1", "--port", str(port)],
+                stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": entry.child_pythonpath()},
+                start_new_session=True,  # outlives the `deploy` command; `cleanup` stops it
+            )
         endpoint = cls(f"http://127.0.0.1:{port}", proc.pid, str(model_dir), proc)
         endpoint._wait_ready(timeout_s, workdir / "serve.log")
         return endpoint
@@ -651,7 +667,9 @@ def deploy(
     return SageMakerEndpoint(_sdk_predictor(model.endpoint_name, session), instance_type)
 
 
-def http_invoke(url: str, image: bytes, content_type: str = IMAGE_CONTENT_TYPE, timeout_s: float = 120) -> dict[str, Any]:
+def http_invoke(
+    url: str, image: bytes, content_type: str = IMAGE_CONTENT_TYPE, timeout_s: float = 120
+) -> dict[str, Any]:
     """POST /invocations, as SageMaker's runtime does; an error response becomes one sentence."""
     request = urllib.request.Request(f"{url}/invocations", data=image, method="POST",
                                      headers={"Content-Type": content_type, "Accept": "application/json"})
@@ -683,7 +701,7 @@ class LocalModeEndpoint:
         raise CovidXrayError("a local-mode endpoint lives as long as the 'deploy' command serving it: press Ctrl-C there")
 
 
-def endpoint_from_state(described: Mapping[str, Any]) -> LocalProcessEndpoint | LocalModeEndpoint | SageMakerEndpoint:
+def endpoint_from_state(described: Mapping[str, Any]) -> Endpoint:
     """The endpoint that `deploy` recorded (`describe()`), from another process."""
     kind = described["kind"]
     if kind == LOCAL_PROCESS:
@@ -693,6 +711,6 @@ def endpoint_from_state(described: Mapping[str, Any]) -> LocalProcessEndpoint | 
     return SageMakerEndpoint(_sdk_predictor(described["name"], make_session(kind, described.get("region"))), kind)
 
 
-def recorded_endpoint(job_dir: str | os.PathLike) -> LocalProcessEndpoint | LocalModeEndpoint | SageMakerEndpoint | None:
+def recorded_endpoint(job_dir: str | os.PathLike) -> Endpoint | None:
     described = load_state(job_dir).get("endpoint")
     return endpoint_from_state(described) if described else None
