@@ -1,0 +1,538 @@
+"""SageMaker: the script-mode entry point in a simulated container, the model it produces served by
+the handlers as AWS's serving container would load them, the launcher's SDK objects (built
+without contacting AWS), local-process end to end, and the demo notebook."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tomllib
+from pathlib import Path
+
+import pytest
+from conftest import encode, make_class_tree, xray_like
+
+from covid_xray.errors import CovidXrayError
+from covid_xray.sagemaker import entry, launcher
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+PY = sys.executable
+# Small and fast: synthetic 64-px images, no pretrained weights, one epoch.
+QUICK = {"epochs": 1, "weights": "none", "image-size": 64, "batch-size": 8, "bootstrap": 50}
+CLASSES = ["A", "B", "C"]
+DEMO_EPOCHS = 3  # the notebook's short schedule in CI
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """One thread per child: this suite runs next to other work on a couple of cores."""
+    return {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.fixture(scope="module")
+def channels(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("channels")
+    return {
+        "train": make_class_tree(root / "train", CLASSES, per_class=10, size=64),
+        "test": make_class_tree(root / "test", CLASSES, per_class=4, size=64),
+    }
+
+
+# --- the entry point -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def container_run(channels, tmp_path_factory) -> dict:
+    """train.py run as AWS's training container runs it: from the staged source_dir, with only
+    that folder on the path, the SM_* variables, and the hyperparameters as --name value."""
+    root = tmp_path_factory.mktemp("opt_ml")
+    code = launcher.stage_source_dir(root / "code")
+    model, output = root / "model", root / "output" / "data"
+    model.mkdir()
+    output.mkdir(parents=True)
+    env = {
+        **os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1",
+        "SM_CHANNEL_TRAIN": str(channels["train"]), "SM_CHANNEL_TEST": str(channels["test"]),
+        "SM_MODEL_DIR": str(model), "SM_OUTPUT_DATA_DIR": str(output),
+        "SM_HOSTS": '["algo-1"]', "SM_CURRENT_HOST": "algo-1", "SM_NUM_GPUS": "0",
+    }
+    args = entry.hyperparameter_args({**QUICK, "amp": "False"})  # booleans arrive as 'True'/'False'
+    result = subprocess.run([PY, "train.py", *args], check=False, cwd=code, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return {"model": model, "output": output, "stdout": result.stdout}
+
+
+def test_entry_point_writes_the_bundle_with_serving_code_and_reports_apart(container_run):
+    model, output = container_run["model"], container_run["output"]
+    assert {p.name for p in model.iterdir()} == {"model.safetensors", "config.json", "code"}
+    code = model / "code"
+    assert (code / "inference.py").is_file() and (code / "covid_xray" / "sagemaker" / "handlers.py").is_file()
+    assert not list(code.rglob("__pycache__"))
+    assert (code / "requirements.txt").read_text().split() == list(entry.SERVING_REQUIREMENTS)
+    for name in ("report.md", "metrics.json", "splits.csv", "confusion_test.png", "roc_test.png", "learning_curves.png"):
+        assert (output / name).is_file(), name
+    assert not (output / "model").exists()  # moved, not copied: output.tar.gz stays small
+    config = json.loads((model / "config.json").read_text())
+    assert config["classes"] == CLASSES and config["input_size"] == 64
+    assert config["data"]["carved_splits"] == ["val"]  # the test channel was used as the test split
+    assert config["hyperparameters"]["amp"] is False and config["hyperparameters"]["epochs"] == 1
+
+
+def test_entry_point_prints_every_metric_its_definitions_scrape(container_run):
+    definitions = entry.metric_definitions(CLASSES)
+    scraped = entry.scrape_metrics(container_run["stdout"].splitlines(), definitions)
+    assert set(scraped) == {d["Name"] for d in definitions}
+    metrics = json.loads((container_run["output"] / "metrics.json").read_text())["test"]
+    assert scraped["test_accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-4)
+    assert scraped["test_b_sensitivity"] == pytest.approx(metrics["per_class"]["B"]["sensitivity"])
+    # Local mode rebuilds the same metrics from output.tar.gz's metrics.json (its log goes to the console).
+    assert launcher._metrics_from_output(container_run["output"]) == {k: v for k, v in scraped.items() if k != "train_seconds"}
+
+
+def test_model_serves_as_is_with_only_its_code_folder_on_the_path(container_run):
+    """What the PyTorch serving container does: code/ on sys.path, import inference, call the four
+    handlers. covid_xray must come from code/, not from an installed package."""
+    script = """
+import json, sys
+import covid_xray, inference
+assert covid_xray.__file__.startswith(sys.argv[1]), covid_xray.__file__
+model = inference.model_fn(sys.argv[2])
+body = open(sys.argv[3], "rb").read()
+payload, accept = inference.output_fn(inference.predict_fn(inference.input_fn(bytearray(body), "image/png"), model), "application/json")
+print(json.dumps({"accept": accept, "response": json.loads(payload)}))
+"""
+    image = container_run["model"].parent / "probe.png"
+    image.write_bytes(encode(xray_like(64, seed=3), "PNG"))
+    code = container_run["model"] / "code"
+    result = subprocess.run(
+        [PY, "-c", script, str(code), str(container_run["model"]), str(image)],
+        check=False, cwd=code, env={**subprocess_env(), "PYTHONPATH": str(code)}, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = json.loads(result.stdout.splitlines()[-1])
+    assert answer["accept"] == "application/json"
+    (prediction,) = answer["response"]["predictions"]
+    assert prediction["label"] in CLASSES and set(prediction["probabilities"]) == set(CLASSES)
+
+
+def test_hyperparameters_accept_both_spellings_and_sagemaker_booleans():
+    parser = entry.build_parser(entry.SageMakerEnv.from_environ({"SM_CHANNEL_TRAIN": "/data/train"}))
+    args = parser.parse_args(["--image-size", "96", "--batch_size", "4", "--amp", "false", "--skip-bad-images", "True"])
+    assert (args.image_size, args.batch_size, args.amp, args.skip_bad_images) == (96, 4, False, True)
+    assert args.train == "/data/train" and args.test is None and args.model_dir == "/opt/ml/model"
+
+
+def test_hyperparameter_args_round_trip_and_bad_ones_fail_before_any_job():
+    hps = {"epochs": "3", "image-size": "160", "lr": "0.0003"}
+    assert entry.parse_hyperparameter_args(entry.hyperparameter_args(hps)) == hps
+    assert entry.parse_hyperparameter_args(["--epochs=2"]) == {"epochs": "2"}
+    entry.check_hyperparameters({"epochs": 3, "image_size": 160, "amp": True})
+    with pytest.raises(CovidXrayError, match="unknown hyperparameter 'epoch'"):
+        entry.check_hyperparameters({"epoch": 3})
+    with pytest.raises(CovidXrayError, match="epochs"):
+        entry.check_hyperparameters({"epochs": "three"})
+    with pytest.raises(CovidXrayError, match="no value"):
+        entry.parse_hyperparameter_args(["--epochs"])
+
+
+def test_torchrun_command_follows_sm_hosts_and_gpus():
+    one_host = entry.SageMakerEnv.from_environ({"SM_HOSTS": '["algo-1"]', "SM_NUM_GPUS": "4"})
+    cmd = entry.torchrun_command(one_host, ["train.py"], ["--epochs", "1"])
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "4", "--standalone",
+                       "train.py", "--epochs", "1"]
+    second = entry.SageMakerEnv.from_environ({"SM_HOSTS": '["algo-1", "algo-2"]', "SM_CURRENT_HOST": "algo-2"})
+    cmd = entry.torchrun_command(second, ["train.py"], [])
+    assert cmd[3:] == ["--nnodes", "2", "--nproc_per_node", "1", "--master_addr", "algo-1", "--master_port", "7777",
+                       "--node_rank", "1", "train.py"]
+    with pytest.raises(CovidXrayError, match="SM_CURRENT_HOST"):
+        entry.SageMakerEnv.from_environ({"SM_HOSTS": '["algo-1"]', "SM_CURRENT_HOST": "algo-9"})
+
+
+def test_container_requirements_are_project_dependencies():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {dep.split(">")[0].split("<")[0].split("=")[0].strip().lower() for dep in project}
+    for requirement in entry.TRAINING_REQUIREMENTS:
+        assert requirement in project or requirement.split(">")[0] in names, requirement
+
+
+# --- the launcher's SDK objects, built without AWS --------------------------------------------------
+
+
+@pytest.fixture
+def sdk():
+    pytest.importorskip("sagemaker", reason="the SageMaker SDK is not installed: pip install -e '.[sagemaker]'")
+    return launcher._sdk()
+
+
+@pytest.fixture
+def offline_boto(sdk):
+    """A boto3 session with made-up credentials whose every HTTP request fails the test."""
+    import boto3
+
+    def refuse(request, **_):
+        raise AssertionError(f"contacted AWS: {request.method} {request.url}")
+
+    session = boto3.Session(aws_access_key_id="AKIAEXAMPLE", aws_secret_access_key="example", region_name="eu-west-1")
+    session.events.register("before-send", refuse)
+    return session
+
+
+@pytest.fixture
+def source_dir(tmp_path) -> Path:
+    return launcher.stage_source_dir(tmp_path / "source")
+
+
+def test_source_dir_holds_train_py_the_package_and_requirements(source_dir):
+    assert (source_dir / "train.py").read_text() == entry.TRAIN_SCRIPT.read_text()
+    assert (source_dir / "covid_xray" / "sagemaker" / "entry.py").is_file()
+    assert (source_dir / "requirements.txt").read_text().split() == list(entry.TRAINING_REQUIREMENTS)
+
+
+def test_local_mode_estimator(sdk, offline_boto, source_dir):
+    session = sdk.local.LocalSession(boto_session=offline_boto)
+    session.config = {"local": {"local_code": True}}
+    estimator = launcher.build_estimator(
+        "local", source_dir=source_dir, hyperparameters={"epochs": 2, "image-size": 160},
+        session=session, output_path="file:///tmp/covid-xray-out",
+    )
+    assert isinstance(estimator, sdk.pytorch.PyTorch)
+    assert estimator.entry_point == "train.py"
+    assert estimator.source_dir == str(source_dir)
+    assert estimator.framework_version == launcher.FRAMEWORK_VERSION == "2.6.0"
+    assert estimator.py_version == launcher.PY_VERSION == "py312"
+    assert estimator.instance_type == "local"
+    assert estimator.instance_count == 1
+    assert estimator.role == launcher.LOCAL_ROLE
+    assert estimator.hyperparameters() == {"epochs": "2", "image-size": "160"}
+    assert estimator.metric_definitions == entry.metric_definitions()
+    assert estimator.output_path == "file:///tmp/covid-xray-out"
+    assert estimator.base_job_name == "covid-xray"
+    assert estimator.distribution == {}
+    assert estimator.image_uri is None
+    assert estimator.training_image_uri() == "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:2.6.0-cpu-py312"
+    assert estimator.sagemaker_session is session
+
+    # The CreateTrainingJob request the SDK would send to the local-mode "service".
+    from sagemaker.estimator import _TrainingJob
+
+    estimator._prepare_for_training(job_name="covid-xray-test")
+    request = _TrainingJob._get_train_args(estimator, {"train": "file:///data/train", "test": "file:///data/test"}, None)
+    hps = request["hyperparameters"]
+    assert json.loads(hps["sagemaker_program"]) == "train.py"
+    assert json.loads(hps["sagemaker_submit_directory"]) == f"file://{source_dir}"
+    assert "sagemaker_torch_distributed_enabled" not in hps
+    assert [c["ChannelName"] for c in request["input_config"]] == ["train", "test"]
+    assert request["resource_config"]["InstanceCount"] == 1
+    assert request["profiler_config"] == {"DisableProfiler": True} and "debugger_hook_config" not in request
+
+
+def test_local_mode_with_several_instances_runs_under_torchrun(sdk, offline_boto, source_dir):
+    session = sdk.local.LocalSession(boto_session=offline_boto)
+    session.config = {"local": {"local_code": True}}
+    estimator = launcher.build_estimator("local", source_dir=source_dir, instance_count=2, session=session)
+    assert estimator.distribution == {"torch_distributed": {"enabled": True}}
+    # CPU hosts: the image is named so the SDK accepts torch_distributed (it does not on CPU types otherwise).
+    assert estimator.image_uri == "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:2.6.0-cpu-py312"
+    from sagemaker.estimator import _TrainingJob
+
+    estimator._prepare_for_training(job_name="covid-xray-test")
+    request = _TrainingJob._get_train_args(estimator, {"train": "file:///data/train"}, None)
+    assert request["hyperparameters"]["sagemaker_torch_distributed_enabled"] == "true"
+    assert request["resource_config"]["InstanceCount"] == 2
+
+
+def test_managed_estimator(sdk, offline_boto, source_dir):
+    session = sdk.Session(boto_session=offline_boto, default_bucket="covid-xray-test-bucket")
+    role = "arn:aws:iam::123456789012:role/SageMakerRole"
+    estimator = launcher.build_estimator(
+        "ml.m5.xlarge", source_dir=source_dir, hyperparameters={"epochs": 12}, role=role, session=session,
+    )
+    assert isinstance(estimator, sdk.pytorch.PyTorch)
+    assert estimator.entry_point == "train.py"
+    assert estimator.source_dir == str(source_dir)
+    assert estimator.framework_version == "2.6.0"
+    assert estimator.py_version == "py312"
+    assert estimator.instance_type == "ml.m5.xlarge"
+    assert estimator.instance_count == 1
+    assert estimator.role == role
+    assert estimator.hyperparameters() == {"epochs": "12"}
+    assert estimator.metric_definitions == entry.metric_definitions()
+    assert estimator.max_run == 4 * 3600
+    assert estimator.output_path is None  # the SDK's default: the session's bucket
+    assert estimator.distribution == {}
+    assert estimator.training_image_uri() == "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:2.6.0-cpu-py312"
+
+    gpus = launcher.build_estimator("ml.g5.2xlarge", source_dir=source_dir, instance_count=4, role=role, session=session)
+    assert gpus.instance_count == 4
+    assert gpus.distribution == {"torch_distributed": {"enabled": True}}
+    assert gpus.image_uri is None  # GPU types: the SDK picks the image itself
+    assert gpus.training_image_uri() == "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:2.6.0-gpu-py312"
+
+    cpus = launcher.build_estimator("ml.c5.2xlarge", source_dir=source_dir, instance_count=2, role=role, session=session)
+    assert cpus.distribution == {"torch_distributed": {"enabled": True}}
+    assert cpus.image_uri.endswith("/pytorch-training:2.6.0-cpu-py312")
+
+
+def test_models_serve_the_tarball_as_is(sdk, offline_boto):
+    session = sdk.local.LocalSession(boto_session=offline_boto)
+    session.config = {"local": {"local_code": True}}
+    model = launcher.build_model("local", "file:///tmp/job/model.tar.gz", session=session)
+    assert isinstance(model, sdk.pytorch.PyTorchModel)
+    container = model.prepare_container_def(instance_type="local")
+    assert container["Image"] == "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-inference:2.6.0-cpu-py312"
+    assert container["ModelDataUrl"] == "file:///tmp/job/model.tar.gz"  # not repacked
+    assert container["Environment"]["SAGEMAKER_PROGRAM"] == "inference.py"
+    assert container["Environment"]["SAGEMAKER_SUBMIT_DIRECTORY"] == "/opt/ml/model/code"
+
+    managed = launcher.build_model(
+        "ml.m5.large", "s3://bucket/job/output/model.tar.gz", role="arn:aws:iam::123456789012:role/R",
+        session=sdk.Session(boto_session=offline_boto),
+    )
+    assert managed.entry_point is None  # nothing to repack or upload
+    assert (managed.framework_version, managed.py_version) == ("2.6.0", "py312")
+    assert managed.model_data == "s3://bucket/job/output/model.tar.gz"
+    assert managed.env == launcher.SERVING_ENV
+
+
+# --- one clear sentence for each thing that is missing -------------------------------------------
+
+
+def test_missing_docker_is_one_sentence(sdk, monkeypatch):
+    monkeypatch.setattr(launcher, "docker_available", lambda: False)
+    with pytest.raises(CovidXrayError, match=r"^SageMaker local mode needs Docker.*local-process") as info:
+        launcher.make_session("local")
+    assert "\n" not in str(info.value)
+
+
+def test_missing_credentials_and_region_are_one_sentence_each(sdk, monkeypatch, tmp_path):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(CovidXrayError, match=r"^no AWS credentials found"):
+        launcher.make_session("ml.m5.xlarge", region="us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "example")
+    with pytest.raises(CovidXrayError, match=r"^no AWS region configured"):
+        launcher.make_session("ml.m5.xlarge")
+
+
+def test_missing_role_is_one_sentence(sdk, offline_boto, source_dir, monkeypatch):
+    monkeypatch.delenv(launcher.ROLE_ENV, raising=False)
+
+    def not_a_role(session):  # what the SDK says on a laptop, where the caller is a user, not a role
+        raise ValueError("The current AWS identity is not a role")
+
+    monkeypatch.setattr(sdk, "get_execution_role", not_a_role)
+    session = sdk.Session(boto_session=offline_boto)
+    with pytest.raises(CovidXrayError, match=r"^no SageMaker execution role: pass --role"):
+        launcher.build_estimator("ml.m5.xlarge", source_dir=source_dir, session=session)
+    monkeypatch.setenv(launcher.ROLE_ENV, "arn:aws:iam::123456789012:role/FromEnv")
+    assert launcher.build_estimator("ml.m5.xlarge", source_dir=source_dir, session=session).role.endswith("/FromEnv")
+
+
+def test_missing_sdk_is_one_sentence(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sagemaker", None)  # what an environment without the extra sees
+    with pytest.raises(CovidXrayError, match=r"SageMaker Python SDK is not installed.*covid-xray\[sagemaker\]"):
+        launcher.make_session("ml.m5.xlarge")
+
+
+def test_cli_prints_the_sentence_not_a_traceback(monkeypatch, capsys, channels, tmp_path):
+    from covid_xray import cli
+
+    monkeypatch.setattr(launcher, "docker_available", lambda: False)
+    pytest.importorskip("sagemaker", reason="the SageMaker SDK is not installed")
+    status = cli.main(["sagemaker", "train", "--instance-type", "local", "--train", str(channels["train"]),
+                       "--job-dir", str(tmp_path), "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("covid-xray: error: SageMaker local mode needs Docker") and err.count("\n") == 1
+    assert cli.main(["sagemaker", "train", "--instance-type", "local-process", "--train", str(channels["train"]),
+                     "--job-dir", str(tmp_path), "--epoch", "1"]) == 2
+    assert "unknown hyperparameter 'epoch'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # free-form options are for `sagemaker train` only
+        cli.main(["serve", "bundle", "--epochs", "1"])
+
+
+def test_a_local_mode_endpoint_is_deleted_by_its_deploy_command():
+    endpoint = launcher.endpoint_from_state({"kind": "local", "name": "covid-xray-x", "url": launcher.LOCAL_MODE_URL})
+    assert isinstance(endpoint, launcher.LocalModeEndpoint) and endpoint.url == "http://localhost:8080"
+    with pytest.raises(CovidXrayError, match="press Ctrl-C there"):
+        endpoint.delete_endpoint()
+
+
+def test_local_gpu_runs_one_instance():
+    with pytest.raises(CovidXrayError, match="local_gpu"):
+        launcher.check_instance_type("local_gpu", 2)
+    with pytest.raises(CovidXrayError, match="unknown instance type"):
+        launcher.check_instance_type("m5.large")
+
+
+# --- local-process end to end --------------------------------------------------------------------
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run([PY, "-m", "covid_xray.cli", *args], check=False, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def test_cli_train_deploy_predict_cleanup(channels, tmp_path):
+    data = channels["train"].parent  # DIR/train and DIR/test: the two channels
+    job_dir = tmp_path / "job"
+    hps = [arg for name, value in QUICK.items() for arg in (f"--{name}", str(value))]
+    trained = run_cli("sagemaker", "train", "--instance-type", "local-process", "--data", str(data), "--job-dir", str(job_dir), *hps)
+    assert "test_accuracy=" in trained.stdout
+    state = json.loads((job_dir / "sagemaker.json").read_text())
+    model_data = Path(state["job"]["model_data"])
+    assert model_data.name == "model.tar.gz" and set(state["job"]["metrics"]) == {d["Name"] for d in entry.metric_definitions(CLASSES)}
+    with tarfile.open(model_data) as tar:  # SageMaker's layout: the bundle at the archive's top level
+        names = tar.getnames()
+    assert {"model.safetensors", "config.json", "code/inference.py", "code/requirements.txt"} <= set(names)
+
+    # Same bundle format as `covid-xray train` (apart from code/, which is for SageMaker).
+    plain = tmp_path / "plain"
+    run_cli("train", "--data", str(data), "--out", str(plain), "--weights", "none", "--image-size", "64",
+            "--batch-size", "8", "--epochs", "1")
+    with tarfile.open(model_data) as tar:
+        ours = json.loads(tar.extractfile("config.json").read())
+    theirs = json.loads((plain / "model" / "config.json").read_text())
+    assert set(ours) == set(theirs) and ours["format_version"] == theirs["format_version"]
+    assert ours["files"].keys() == theirs["files"].keys() == {"model.safetensors"}
+    assert {n for n in names if "/" not in n} - {"code"} == {p.name for p in (plain / "model").iterdir()}
+
+    run_cli("sagemaker", "deploy", "--job-dir", str(job_dir))
+    endpoint = json.loads((job_dir / "sagemaker.json").read_text())["endpoint"]
+    try:
+        assert endpoint["kind"] == "local-process" and endpoint["url"].startswith("http://127.0.0.1:")
+        images = [str(channels["test"] / c / f"{c}_0.png") for c in CLASSES]
+        rows = json.loads(run_cli("sagemaker", "predict", "--job-dir", str(job_dir), *images, "--json").stdout)
+        assert [r["path"] for r in rows] == images
+        assert all(r["label"] in CLASSES and set(r["probabilities"]) == set(CLASSES) for r in rows)
+        run_cli("sagemaker", "cleanup", "--job-dir", str(job_dir))
+        assert json.loads((job_dir / "sagemaker.json").read_text())["endpoint"] is None
+        assert not launcher._serves(endpoint["pid"], endpoint["model_dir"])
+    finally:
+        launcher.LocalProcessEndpoint(endpoint["url"], endpoint["pid"], endpoint["model_dir"]).delete_endpoint()
+
+
+def test_python_api_train_deploy_predict_delete(channels, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", str(SRC))
+    lines: list[str] = []
+    job = launcher.train(
+        {"train": channels["train"], "test": channels["test"]}, instance_type="local-process",
+        hyperparameters=QUICK, out=tmp_path, log=lines.append,
+    )
+    assert job.instance_type == "local-process" and 0 <= job.metrics["test_accuracy"] <= 1
+    assert Path(job.output_dir, "report.md").is_file()
+    assert not any(line.strip() == "" for line in lines)
+    root = Path(job.model_data).parents[1]  # the /opt/ml-style root of the job
+    assert (root / "input" / "data" / "train").resolve() == channels["train"].resolve()
+    assert json.loads((root / "input" / "config" / "hyperparameters.json").read_text())["epochs"] == "1"
+
+    predictor = launcher.deploy(job)
+    try:
+        assert predictor.url.startswith("http://127.0.0.1:")
+        response = predictor.predict(encode(xray_like(64, seed=5), "JPEG"))
+        assert response["predictions"][0]["label"] in CLASSES and response["model"]["classes"] == CLASSES
+        with pytest.raises(CovidXrayError, match=r"refused the request \(400\)"):
+            predictor.predict(b"not an image")
+    finally:
+        predictor.delete_endpoint()
+    assert not launcher._serves(predictor.pid, predictor.model_dir)
+    with pytest.raises(CovidXrayError, match="no endpoint answering"):
+        predictor.predict(b"x")
+
+
+def test_two_instances_train_under_torchrun_and_write_one_model(channels, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(SRC))
+    lines: list[str] = []
+    job = launcher.train(
+        {"train": channels["train"], "test": channels["test"]}, instance_type="local-process", instance_count=2,
+        hyperparameters=QUICK, out=tmp_path, log=lines.append,
+    )
+    assert any(line.startswith("algo-1 | test_accuracy=") for line in lines)  # prefixed by host, like SageMaker's log
+    with tarfile.open(job.model_data) as tar:
+        config = json.loads(tar.extractfile("config.json").read())
+    assert config["training"]["processes"] == 2  # one process group across both hosts
+    assert sum("test_accuracy=" in line for line in lines) == 1  # only rank 0 reports
+
+
+def test_entry_point_joins_sm_hosts_itself_when_started_without_torchrun(channels, tmp_path):
+    """A two-host job without `torch_distributed`: SageMaker starts train.py plainly on each host,
+    and the entry point starts torchrun itself from SM_HOSTS / SM_CURRENT_HOST."""
+    code = launcher.stage_source_dir(tmp_path / "code")
+    model, output = tmp_path / "model", tmp_path / "output"
+    env = {
+        **subprocess_env(), "PYTHONPATH": str(code),
+        "SM_CHANNEL_TRAIN": str(channels["train"]), "SM_CHANNEL_TEST": str(channels["test"]),
+        "SM_MODEL_DIR": str(model), "SM_OUTPUT_DATA_DIR": str(output), "SM_HOSTS": '["algo-1", "algo-2"]',
+        "SM_NUM_GPUS": "0", "SM_MASTER_ADDR": "127.0.0.1", "SM_MASTER_PORT": str(launcher.free_port()),
+    }
+    hosts = [
+        subprocess.Popen([PY, "train.py", *entry.hyperparameter_args(QUICK)], cwd=code, env={**env, "SM_CURRENT_HOST": host},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for host in ("algo-1", "algo-2")
+    ]
+    logs = [host.communicate(timeout=600)[0] for host in hosts]
+    assert [host.returncode for host in hosts] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert json.loads((model / "config.json").read_text())["training"]["processes"] == 2
+    assert "test_accuracy=" in logs[0] and "test_accuracy=" not in logs[1]
+
+
+def test_simulated_hosts_never_share_a_gpu(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4")
+    assert launcher._share_gpus(1) == [["0", "1", "2", "3", "4"]]
+    assert launcher._share_gpus(2) == [["0", "1"], ["2", "3"]]
+    assert launcher._share_gpus(8) == [[]] * 8  # fewer GPUs than hosts: CPU hosts
+
+
+def test_a_failing_job_says_where_and_the_log_says_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(SRC))
+    data = make_class_tree(tmp_path / "data", ["Only"], per_class=3, size=32)
+    lines: list[str] = []
+    with pytest.raises(CovidXrayError, match=r"failed on algo-1 with exit status 2"):
+        launcher.train(data, instance_type="local-process", hyperparameters=QUICK, out=tmp_path / "out", log=lines.append)
+    assert any("covid-xray: error:" in line and "only one class" in line for line in lines)
+
+
+def test_local_process_refuses_s3_data(tmp_path):
+    with pytest.raises(CovidXrayError, match="local-process reads local folders"):
+        launcher.train({"train": "s3://bucket/train"}, instance_type="local-process", out=tmp_path)
+
+
+# --- the demo notebook -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_demo_notebook_runs_top_to_bottom(dataset_dir, tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat", reason="nbformat is not installed: pip install -e '.[test]'")
+    nbclient = pytest.importorskip("nbclient", reason="nbclient is not installed: pip install -e '.[test]'")
+    notebook = nbformat.read(ROOT / "notebooks" / "covid_xray_demo.ipynb", as_version=4)
+    code_cells = [c for c in notebook.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code_cells), "commit the notebook with outputs stripped"
+    # The kernel inherits this environment: the real data, the short CI schedule, this source tree.
+    monkeypatch.setenv("COVID_XRAY_DATA", str(dataset_dir))
+    monkeypatch.setenv("COVID_XRAY_DEMO_EPOCHS", os.environ.get("COVID_XRAY_DEMO_EPOCHS", str(DEMO_EPOCHS)))
+    monkeypatch.setenv("COVID_XRAY_DEMO_INSTANCE_TYPE", "local-process")
+    monkeypatch.setenv("COVID_XRAY_DEMO_WORKDIR", str(tmp_path / "work"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
+    nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = "\n".join(
+        o.get("text", "") + json.dumps(o.get("data", {}).get("text/plain", ""))
+        for c in notebook.cells if c.cell_type == "code" for o in c.outputs
+    )
+    assert "Endpoint deleted" in outputs
+    # The endpoint's answers on the six example images and on the whole test split.
+    shown = [line for line in outputs.splitlines() if line.startswith(("✓ ", "✗ "))]
+    assert len(shown) == 6 and sum(line.startswith("✓") for line in shown) >= 5, shown
+    # Over the whole test split the endpoint agrees with the job's own evaluation: same model, same pixels.
+    served, evaluated = re.search(r"accuracy on all 66 test images: ([0-9.]+) \(the training job's evaluation: ([0-9.]+)\)", outputs).groups()
+    assert served == evaluated
