@@ -1,0 +1,51 @@
+"""Default training, several seeds: test accuracy, Covid sensitivity and wall time per run.
+
+    python benchmarks/seeds.py [--data DIR] [--seeds 0 1 2] [--out runs/seeds]
+
+Each run is the real command, `covid-xray train --data DIR --out OUT/seedS --seed S`, timed from
+process start to exit. Test metrics are on the untouched test split, with and without the test
+images that copy training images (see `covid-xray audit`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=os.environ.get("COVID_XRAY_DATA", "data/Covid19-dataset"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default="runs/seeds")
+    args = parser.parse_args()
+
+    rows = []
+    for seed in args.seeds:
+        out = Path(args.out) / f"seed{seed}"
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "covid_xray.cli", "train", "--data", args.data, "--out", str(out),
+                        "--seed", str(seed)], check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - started
+        metrics = json.loads((out / "metrics.json").read_text())
+        rows.append((seed, wall, metrics["test"], metrics.get("test_dedup")))
+
+    print("| seed | test accuracy (95% CI) | Covid sensitivity | accuracy without leaked test images | wall |")
+    print("| ---: | --- | ---: | --- | ---: |")
+    for seed, wall, test, dedup in rows:
+        lo, hi = test["ci95"]["accuracy"]
+        dd = f"{dedup['accuracy']:.3f} (n={dedup['n']})" if dedup else "n/a"
+        print(f"| {seed} | {test['accuracy']:.3f} ({lo:.3f}–{hi:.3f}) | {test['per_class']['Covid']['sensitivity']:.3f} "
+              f"| {dd} | {wall:.0f} s |")
+    accs = [t["accuracy"] for _, _, t, _ in rows]
+    print(f"\nmean test accuracy {statistics.mean(accs):.3f} over {len(rows)} seeds (n={rows[0][2]['n']} test images each)")
+
+
+if __name__ == "__main__":
+    main()
