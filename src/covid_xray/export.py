@@ -116,8 +116,14 @@ def _split_calibration(images: np.ndarray, count: int) -> tuple[np.ndarray, np.n
 
 def _quantize(fp32: Path, images: np.ndarray, out: Path) -> None:
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quant_pre_process, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
 
     class Batches(CalibrationDataReader):
         def __init__(self) -> None:

@@ -107,7 +107,7 @@ class Predictor:
         self.backend = backend
 
     @classmethod
-    def from_bundle(cls, path: str | os.PathLike, backend: str | None = None) -> "Predictor":
+    def from_bundle(cls, path: str | os.PathLike, backend: str | None = None) -> Predictor:
         """backend: auto | torch | onnx | onnx-int8 (default: $COVID_XRAY_BACKEND, else auto)."""
         path = Path(path)
         config = read_config(path)
