@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ def untrained_bundle(path: Path, classes: list[str]) -> Path:
 
 
 def test_images(data: Path | None, config: dict, count: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
-    """The test split at the model's input size, or X-ray-like synthetic images without data."""
+    """The test split at the model's input size, or random images without data (time does not depend on content)."""
     from covid_xray.data import decode_samples, discover
 
     size = int(config["input_size"])
@@ -68,7 +69,7 @@ def request_jpeg(data: Path | None) -> bytes:
     (A synthetic film is a near-tie for a trained model, which int8 hands to its fp32 fallback.)"""
     if data is None:
         return xray_jpeg(1024, 1024, "L")
-    first = sorted(discover(data)["test"], key=lambda s: str(s.path))[0].path
+    first = min(discover(data)["test"], key=lambda s: str(s.path)).path
     buf = io.BytesIO()
     Image.open(first).convert("L").resize((1024, 1024), Image.Resampling.BICUBIC).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
@@ -100,12 +101,13 @@ def main() -> None:
         for backend, predictor in predictors.items():
             for batch in (1, 32):
                 batches = itertools.cycle([images[i : i + batch] for i in range(0, len(images) - batch + 1, batch)])
-                seconds = time_calls(lambda: predictor.probabilities(next(batches)), min_seconds=args.seconds)
+                call = partial(lambda p, b: p.probabilities(next(b)), predictor, batches)
+                seconds = time_calls(call, min_seconds=args.seconds)
                 speed[backend, batch] = batch / seconds.mean()
                 rows.append(latency_row(names[backend], seconds, batch))
         jpeg = request_jpeg(data)
         for backend, predictor in predictors.items():
-            seconds = time_calls(lambda: predictor.predict([jpeg]), min_seconds=args.seconds)
+            seconds = time_calls(partial(predictor.predict, [jpeg]), min_seconds=args.seconds)
             rows.append(latency_row(f"predict(1024² JPEG bytes), {backend}", seconds, 1))
         print("\nThroughput and latency per call\n")
         print_table(rows)

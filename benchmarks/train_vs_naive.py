@@ -126,7 +126,9 @@ def main() -> None:
         parser.error("pass --data DIR or set COVID_XRAY_DATA")
     use_cores(args.threads)
     data = Path(args.data)
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
     log(machine())
 
     with tempfile.TemporaryDirectory() as tmp:

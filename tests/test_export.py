@@ -21,7 +21,8 @@ CLASSES = ("Covid", "Normal", "Viral Pneumonia")
 
 
 def covid_xray(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "covid_xray.cli", *map(str, args)], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "covid_xray.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=600, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def test_onnx_predictor_loads_torch_only_when_its_model_is_asked_for(exported):
         "p.probabilities(np.zeros((1, 224, 224), np.uint8)); assert 'torch' not in sys.modules; "
         "assert p.model.head.out_features == 3"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

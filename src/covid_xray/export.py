@@ -16,6 +16,7 @@ import numpy as np
 
 from .bundle import ONNX, ONNX_INT8, add_files, load_bundle
 from .errors import ModelError
+from .inference import onnx_session, softmax
 
 INPUT, OUTPUT = "image", "logits"
 CALIBRATION_IMAGES = 128
@@ -76,23 +77,15 @@ def export_onnx(model, size: int, out: Path) -> None:
     )
 
 
-def _session(path: Path):
-    from .inference import onnx_session
-
-    return onnx_session(path)
-
-
-def _probabilities(session, images: np.ndarray) -> np.ndarray:
-    from .inference import softmax
-
-    return softmax(session.run(None, {INPUT: images[:, None]})[0])
+def _probabilities(graph: Path, images: np.ndarray) -> np.ndarray:
+    return softmax(onnx_session(graph).run(None, {INPUT: images[:, None]})[0])
 
 
 def _check_parity(model, onnx_path: Path, size: int) -> float:
     from .models import predict_probs
 
     images = np.random.default_rng(0).integers(0, 256, (4, size, size), dtype=np.uint8)
-    error = float(np.abs(_probabilities(_session(onnx_path), images) - predict_probs(model, images)).max())
+    error = float(np.abs(_probabilities(onnx_path, images) - predict_probs(model, images)).max())
     if error > PARITY_ATOL:
         raise ModelError(f"the exported graph differs from PyTorch (max |probability difference| {error:.1e}); "
                          f"use --backend torch and report this backbone")
@@ -123,8 +116,14 @@ def _split_calibration(images: np.ndarray, count: int) -> tuple[np.ndarray, np.n
 
 def _quantize(fp32: Path, images: np.ndarray, out: Path) -> None:
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quant_pre_process, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
 
     class Batches(CalibrationDataReader):
         def __init__(self) -> None:
@@ -151,4 +150,4 @@ def _quantize(fp32: Path, images: np.ndarray, out: Path) -> None:
 def _max_probability_error(fp32: Path, int8: Path, images: np.ndarray) -> float:
     if not len(images):
         raise ModelError("no training images left to check the int8 model on; the training split is too small")
-    return float(np.abs(_probabilities(_session(fp32), images) - _probabilities(_session(int8), images)).max())
+    return float(np.abs(_probabilities(fp32, images) - _probabilities(int8, images)).max())

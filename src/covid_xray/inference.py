@@ -42,6 +42,10 @@ def onnx_session(path: Path):
     # One request at a time uses every allowed core; a second (inter-op) pool would only compete with it.
     options.intra_op_num_threads = cpu_count()
     options.inter_op_num_threads = 1
+    # Idle workers sleep instead of spinning: when anything else wants a core (the server's decode
+    # threads, another process), spinning workers halved throughput on 2 cores; sleeping costs
+    # little on an idle machine.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # warnings about unused initialisers etc. are noise to a user
@@ -103,7 +107,7 @@ class Predictor:
         self.backend = backend
 
     @classmethod
-    def from_bundle(cls, path: str | os.PathLike, backend: str | None = None) -> "Predictor":
+    def from_bundle(cls, path: str | os.PathLike, backend: str | None = None) -> Predictor:
         """backend: auto | torch | onnx | onnx-int8 (default: $COVID_XRAY_BACKEND, else auto)."""
         path = Path(path)
         config = read_config(path)
