@@ -61,7 +61,7 @@ def test_images(data: Path | None, config: dict, count: int = 64) -> tuple[np.nd
         rng = np.random.default_rng(0)
         return rng.integers(0, 256, (count, size, size), dtype=np.uint8), None
     decoded = decode_samples(discover(data)["test"], size)
-    return decoded.images, np.array([s.label for s in decoded.samples])
+    return decoded.images[:], np.array([s.label for s in decoded.samples])
 
 
 def request_jpeg(data: Path | None) -> bytes:

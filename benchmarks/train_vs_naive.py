@@ -74,7 +74,7 @@ def test_split(data: Path) -> tuple[np.ndarray, np.ndarray]:
     from covid_xray.models import DEFAULT_BACKBONE, input_size
 
     decoded = decode_samples(discover(data)["test"], input_size(DEFAULT_BACKBONE))
-    return decoded.images, np.array([s.label for s in decoded.samples])
+    return decoded.images[:], np.array([s.label for s in decoded.samples])
 
 
 def naive_training(data: Path, epochs: int, log) -> list[tuple[float, float]]:
