@@ -41,7 +41,7 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
 
 
 def test_train_writes_bundle_metrics_report_and_plots(tiny_run):
-    for name in ["model/model.safetensors", "model/config.json", "metrics.json", "report.md", "splits.csv",
+    for name in ["model/model.safetensors", "model/model.onnx", "model/config.json", "metrics.json", "report.md", "splits.csv",
                  "confusion_test.png", "roc_test.png", "learning_curves.png"]:
         assert (tiny_run / name).is_file(), name
     assert not (tiny_run / "checkpoint.pt").exists()

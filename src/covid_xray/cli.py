@@ -46,7 +46,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         backbone=args.backbone, weights=args.weights, epochs=args.epochs, seed=args.seed, split_seed=args.split_seed,
         batch_size=args.batch_size, lr=args.lr, patience=args.patience, image_size=args.image_size,
-        skip_bad_images=args.skip_bad_images, amp=not args.no_amp,
+        skip_bad_images=args.skip_bad_images, amp=not args.no_amp, onnx=not args.no_onnx,
     )
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     result = train_run(cfg, resolve_data_dir(args.data), out, resume=args.resume, log=lambda m: print(m, flush=True))
@@ -148,7 +148,12 @@ def _serve(args: argparse.Namespace) -> int:
     from .bundle import read_config
     from .server import ServerSettings, serve
 
-    read_config(args.bundle)  # a wrong path fails here, in one line, not in a worker's log
+    config = read_config(args.bundle)  # a wrong path fails here, in one line, not in a worker's log
+    if args.backend:  # checked now; passed on through the environment so that every worker uses it
+        from .inference import BACKEND_ENV, resolve_backend
+
+        resolve_backend(args.backend, config, Path(args.bundle))
+        os.environ[BACKEND_ENV] = args.backend
     try:
         settings = ServerSettings(
             max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
@@ -315,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable files (counted in the report)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
     p.add_argument("--no-amp", action="store_true", help="train in float32 even where bfloat16 is fast")
+    p.add_argument("--no-onnx", action="store_true", help="do not add model.onnx to the bundle")
     p.add_argument("--nproc", type=int, default=1, help="train with N processes via torchrun (DDP; gloo on CPU)")
     p.set_defaults(func=_train)
 
@@ -369,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body accepted (413 above)")
     p.add_argument("--max-instances", type=int, default=32, help="most images in one JSON request")
     p.add_argument("--inference-threads", type=int, help="threads running the shared model (default: min(2, CPUs per worker))")
+    p.add_argument("--backend", help=BACKEND_HELP)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_serve)
 

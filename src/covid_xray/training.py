@@ -49,10 +49,17 @@ class TrainConfig:
     skip_bad_images: bool = False
     amp: bool = True  # bfloat16 autocast on CPUs with native bf16, fp16/bf16 on GPUs
     bootstrap: int = 1000
+    onnx: bool = True  # also write model.onnx (fast CPU inference) when the onnx extra is installed
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved_size(self) -> int:
         return self.image_size or input_size(self.backbone)
+
+
+def onnx_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))
 
 
 def seed_everything(seed: int) -> None:
@@ -288,7 +295,7 @@ def fit(
 
 def _resume_key(cfg: TrainConfig) -> dict[str, Any]:
     """Settings that must match for a checkpoint to be resumed."""
-    return {k: v for k, v in asdict(cfg).items() if k not in ("patience", "bootstrap", "extra")}
+    return {k: v for k, v in asdict(cfg).items() if k not in ("patience", "bootstrap", "onnx", "extra")}
 
 
 def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, resume: bool = False, log=print) -> dict[str, Any]:
@@ -379,6 +386,10 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.P
         },
     }
     save_bundle(run_dir / "model", model, config)
+    if cfg.onnx and onnx_available():
+        from .export import export_bundle
+
+        export_bundle(run_dir / "model", log=log)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     report = write_report(run_dir, config, metrics, fit_result, plots, audit_report)
     (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the run is complete; the bundle holds the result
