@@ -8,6 +8,9 @@ import collections
 import json
 import os
 import shutil
+import signal
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -165,3 +168,50 @@ def test_page_drop_and_error_message(page, predictor):
     assert "could not be analysed" in page.text_content("#error")
     assert "not an image" in page.text_content("#error")
     assert page.text_content("#result-label") == "—"
+
+
+def test_sigterm_drains_in_flight_requests(untrained_bundle):
+    """SIGTERM while a large batch is being predicted: the request still gets its answer, then the
+    server exits cleanly (as an orchestrator stopping a container expects)."""
+    process = ServeProcess(untrained_bundle, "--max-instances", "64")
+    process.wait_ready()
+    image = base64.b64encode(encode(xray_like(1024))).decode()
+    body = json.dumps({"instances": [{"b64": image}] * 48})
+    result = {}
+
+    def call():
+        result["response"] = httpx.post(f"{process.url}/invocations", content=body,
+                                        headers={"Content-Type": "application/json"}, timeout=120)
+
+    client = threading.Thread(target=call)
+    client.start()
+    time.sleep(0.3)  # the request is in flight: decoding 48 images and predicting takes longer than this
+    process.proc.send_signal(signal.SIGTERM)
+    client.join(timeout=120)
+    response = result["response"]
+    assert response.status_code == 200 and len(response.json()["predictions"]) == 48
+    # uvicorn shuts down gracefully, then re-raises the signal so the exit status says why it stopped.
+    assert process.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    log = process.proc.stdout.read()
+    assert "Finished server process" in log and "Traceback" not in log, log
+
+
+def test_server_on_a_tampered_bundle_reports_503_with_the_reason(untrained_bundle, tmp_path):
+    bundle = shutil.copytree(untrained_bundle, tmp_path / "bundle")
+    weights = bundle / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    process = ServeProcess(bundle)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                ping = httpx.get(f"{process.url}/ping", timeout=2)
+                if ping.json().get("status") == "failed":
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server never reported the broken bundle"
+            time.sleep(0.2)
+        assert ping.status_code == 503 and "checksum" in ping.json()["error"]
+    finally:
+        process.stop()
