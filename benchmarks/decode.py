@@ -19,9 +19,9 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from _common import latency_row, machine, print_table, time_calls, use_cores, xray_jpeg
 from PIL import Image, ImageOps
 
-from _common import latency_row, machine, print_table, time_calls, use_cores, xray_jpeg
 from covid_xray.data import load_image
 
 

@@ -24,9 +24,9 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from _common import latency_row, machine, print_table, time_calls, use_cores, xray_jpeg
 from PIL import Image
 
-from _common import latency_row, machine, print_table, time_calls, use_cores, xray_jpeg
 from covid_xray.bundle import read_config
 from covid_xray.data import DATA_ENV_VAR, discover
 from covid_xray.export import export_bundle

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import machine, print_table, use_cores
 
 

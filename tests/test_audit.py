@@ -12,10 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import xray_like
 from PIL import Image, ImageEnhance
 
-from conftest import xray_like
-from covid_xray.audit import audit_dataset, leaked_test_paths, lung_field_mask, masked_explanation, masked_probe
+from covid_xray.audit import (
+    audit_dataset,
+    leaked_test_paths,
+    lung_field_mask,
+    masked_explanation,
+    masked_probe,
+)
 from covid_xray.data import discover
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,8 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import encode, make_class_tree, xray_like
+from conftest import make_class_tree, xray_like
 
 TINY = ["--weights", "none", "--image-size", "64", "--batch-size", "8"]
 

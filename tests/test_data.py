@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 
 import numpy as np
 import pytest
+from conftest import encode, make_class_tree, xray_like
 from PIL import Image
 
-from conftest import encode, make_class_tree, xray_like
 from covid_xray.data import decode_samples, discover, load_image, resolve_data_dir
 from covid_xray.errors import DataError, ImageError
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import encode, make_class_tree, xray_like
+
 from covid_xray.bundle import ONNX, ONNX_INT8, load_bundle
 from covid_xray.errors import ModelError
 from covid_xray.inference import BACKEND_ENV, Predictor

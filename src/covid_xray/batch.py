@@ -93,7 +93,7 @@ class PredictionCSV:
         if exists:
             self.done = self._read_done()
         # Held open across many writes (closed by close()/__exit__), so rows stream out as they come.
-        self._file = open(self.path, "a" if exists else "w", newline="", encoding="utf-8")  # noqa: SIM115
+        self._file = open(self.path, "a" if exists else "w", newline="", encoding="utf-8")
         self._writer = csv.writer(self._file)
         if not exists:
             self._writer.writerow(self.header)

@@ -153,21 +153,3 @@ class Predictor:
         """Predict every source; raises ImageError on the first unreadable one."""
         images = np.stack([self.preprocess(s) for s in sources])
         return [self.result(p) for p in self.probabilities(images)]
-
-    def predict_paths(self, paths: list[Path]) -> list[dict[str, Any]]:
-        """Like `predict`, but an unreadable file yields an `error` entry instead of stopping."""
-        from .errors import ImageError
-
-        rows: list[dict[str, Any]] = []
-        good: list[tuple[int, np.ndarray]] = []
-        for i, path in enumerate(paths):
-            rows.append({"path": str(path)})
-            try:
-                good.append((i, self.preprocess(path)))
-            except ImageError as e:
-                rows[i]["error"] = str(e)
-        if good:
-            probs = self.probabilities(np.stack([img for _, img in good]))
-            for (i, _), p in zip(good, probs):
-                rows[i].update(self.result(p))
-        return rows

@@ -6,6 +6,7 @@ import difflib
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -140,10 +141,8 @@ def _load_into(net: nn.Module, sd: dict[str, torch.Tensor]) -> None:
 
 
 @torch.inference_mode()
-def predict_probs(model: nn.Module, images, batch_size: int = 32) -> "np.ndarray":
+def predict_probs(model: nn.Module, images, batch_size: int = 32) -> np.ndarray:
     """Class probabilities (N×C float32, fp32 compute) for uint8 images N×H×W, in batches."""
-    import numpy as np
-
     model.eval()
     device = next(model.parameters()).device
     out = []

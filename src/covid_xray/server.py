@@ -227,7 +227,7 @@ class ModelState:
             # Warm up both shapes we will see most, so the first clients do not pay for setup.
             for n in sorted({1, settings.max_batch_size}):
                 predictor.probabilities(np.zeros((n, predictor.size, predictor.size), np.uint8))
-        except Exception as e:  # noqa: BLE001 - any load failure is reported on /ping and in the log
+        except Exception as e:
             self.error = f"{type(e).__name__}: {e}" if not isinstance(e, protocol.CovidXrayError) else str(e)
             log.error("cannot load model bundle %s: %s", bundle, self.error)
             return

@@ -19,9 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import audit
+from . import audit, evaluation
 from . import data as data_mod
-from . import evaluation
 from .bundle import save_bundle
 from .errors import CovidXrayError
 from .models import DEFAULT_BACKBONE, XrayNet, create_model, input_size, predict_probs
@@ -89,7 +88,7 @@ class Distributed:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls) -> "Distributed":
+    def from_env(cls) -> Distributed:
         """Join the process group torchrun describes in the environment (gloo on CPU, nccl on GPU)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
@@ -305,7 +304,7 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.P
     started = time.time()
     dist = Distributed.from_env()
     if not dist.main:
-        log = lambda message: None  # noqa: E731 - one voice in the log
+        log = lambda message: None
     run_dir = Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
