@@ -110,6 +110,22 @@ def add_files(path: str | os.PathLike, files: dict[str, Path], updates: dict[str
     return config
 
 
+def bundle_dataset(config: dict[str, Any], data: str | os.PathLike | None):
+    """The dataset split exactly as it was when this bundle was trained (same fractions and split
+    seed), so "test" means the same images; refuses data whose classes differ from the bundle's."""
+    from .data import discover, resolve_data_dir
+
+    hp = config.get("hyperparameters", {})
+    dataset = discover(
+        resolve_data_dir(data), val_fraction=hp.get("val_fraction", 0.15),
+        test_fraction=hp.get("test_fraction", 0.2), split_seed=hp.get("split_seed", 0),
+    )
+    if dataset.classes != config["classes"]:
+        raise ModelError(f"the data's classes {dataset.classes} differ from the bundle's {config['classes']}; "
+                         f"use the data the model was trained on (--data)")
+    return dataset
+
+
 def load_bundle(path: str | os.PathLike):
     """Return (model in eval mode, config). Verifies the weights' checksum before reading them."""
     from safetensors import SafetensorError

@@ -58,19 +58,14 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .audit import audit_dataset, metrics_without_leaks
-    from .data import decode_samples, discover, resolve_data_dir
+    from .bundle import bundle_dataset
+    from .data import decode_samples
     from .evaluation import compute_metrics, confusion_table, metrics_table
     from .inference import Predictor
 
     predictor = Predictor.from_bundle(args.bundle, backend=args.backend)
     config = predictor.config
-    hp = config.get("hyperparameters", {})
-    dataset = discover(
-        resolve_data_dir(args.data), val_fraction=hp.get("val_fraction", 0.15),
-        test_fraction=hp.get("test_fraction", 0.2), split_seed=hp.get("split_seed", 0),
-    )
-    if dataset.classes != config["classes"]:
-        raise CovidXrayError(f"the data's classes {dataset.classes} differ from the bundle's {config['classes']}")
+    dataset = bundle_dataset(config, args.data)
     decoded = decode_samples(dataset[args.split], config["input_size"], skip_bad=args.skip_bad_images)
     y = [s.label for s in decoded.samples]
     probs = predictor.probabilities(decoded.images[:])

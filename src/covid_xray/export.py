@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import ONNX, ONNX_INT8, add_files, load_bundle
+from .bundle import ONNX, ONNX_INT8, add_files, bundle_dataset, load_bundle
 from .errors import ModelError
 from .inference import onnx_session, softmax
 
@@ -94,15 +94,9 @@ def _check_parity(model, onnx_path: Path, size: int) -> float:
 
 def _training_images(config: dict[str, Any], data: str | Path | None, count: int) -> np.ndarray:
     """Up to `count` images of the bundle's training split (spread over it, so every class is in)."""
-    from .data import decode_samples, discover, resolve_data_dir
+    from .data import decode_samples
 
-    hp = config.get("hyperparameters", {})
-    dataset = discover(resolve_data_dir(data), val_fraction=hp.get("val_fraction", 0.15),
-                       test_fraction=hp.get("test_fraction", 0.2), split_seed=hp.get("split_seed", 0))
-    if dataset.classes != config["classes"]:
-        raise ModelError(f"the data's classes {dataset.classes} differ from the bundle's {config['classes']}; "
-                         f"calibrate int8 on the data the model was trained on (--data)")
-    samples = dataset["train"]
+    samples = bundle_dataset(config, data)["train"]
     picked = [samples[int(i)] for i in np.linspace(0, len(samples) - 1, min(count, len(samples)))]
     return decode_samples(picked, int(config["input_size"]), skip_bad=True).images[:]
 
