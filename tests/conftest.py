@@ -54,22 +54,35 @@ def dataset_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def untrained_bundle(tmp_path_factory) -> Path:
-    """A real bundle (ImageNet backbone, random 3-class head) for protocol tests: fast, needs no data."""
+    """A real bundle (ImageNet backbone, random 3-class head) for protocol tests: fast, needs no data.
+    Its out-of-distribution guard is fitted on synthetic X-ray-like images, as training would on real ones."""
     import torch
 
     from covid_xray.bundle import save_bundle
-    from covid_xray.models import create_model
+    from covid_xray.models import create_model, predict_outputs
+    from covid_xray.ood import FILE, OODGuard
 
     torch.manual_seed(0)
     model = create_model("tf_efficientnet_lite0", 3, weights="imagenet").eval()
+    from covid_xray.data import load_image
+
+    # Films at the sizes and formats the tests send, as training would see many scanners' films.
+    films = np.stack([load_image(encode(xray_like(size, seed=1000 + i), fmt), 224)
+                      for i in range(8) for size in (160, 256, 400) for fmt in ("JPEG", "PNG")])
+    rng = np.random.default_rng(0)
+    films = films[rng.permutation(len(films))]
+    _, features = predict_outputs(model, films)
+    guard = OODGuard.fit(features[:36], features[36:])
     path = tmp_path_factory.mktemp("bundles") / "untrained"
     config = {
         "backbone": "tf_efficientnet_lite0",
         "classes": ["Covid", "Normal", "Viral Pneumonia"],
         "input_size": 224,
         "normalization": {"mean": list(model.mean), "std": list(model.std)},
+        "ood": guard.config(),
+        "referral": {"threshold": 0.95},
     }
-    return save_bundle(path, model, config)
+    return save_bundle(path, model, config, files={FILE: guard.to_bytes()})
 
 
 @pytest.fixture(scope="session")

@@ -10,13 +10,16 @@ from conftest import encode, xray_like
 from covid_xray.bundle import load_bundle
 from covid_xray.errors import ModelError
 from covid_xray.inference import Predictor
+from covid_xray.ood import FILE as OOD_FILE
 
 
 def test_round_trip_gives_identical_probabilities(untrained_bundle, tmp_path):
     from covid_xray.bundle import save_bundle
 
     model, config = load_bundle(untrained_bundle)
-    copy = save_bundle(tmp_path / "copy", model, {k: v for k, v in config.items() if k not in ("files", "format_version", "package_version")})
+    guard = (untrained_bundle / OOD_FILE).read_bytes()
+    copy = save_bundle(tmp_path / "copy", model, {k: v for k, v in config.items() if k not in ("files", "format_version", "package_version")},
+                       files={OOD_FILE: guard})
     images = [encode(xray_like(300, seed=i)) for i in range(4)]
     a = Predictor.from_bundle(untrained_bundle).predict(images)
     b = Predictor.from_bundle(copy).predict(images)
@@ -26,9 +29,9 @@ def test_round_trip_gives_identical_probabilities(untrained_bundle, tmp_path):
 
 def test_bundle_has_no_pickle_and_records_checksums(untrained_bundle):
     files = sorted(p.name for p in untrained_bundle.iterdir())
-    assert files == ["config.json", "model.safetensors"]
+    assert files == ["config.json", "model.safetensors", OOD_FILE]
     config = json.loads((untrained_bundle / "config.json").read_text())
-    assert len(config["files"]["model.safetensors"]) == 64
+    assert len(config["files"]["model.safetensors"]) == 64 and len(config["files"][OOD_FILE]) == 64
 
 
 def _copy(bundle, tmp_path):
@@ -53,3 +56,11 @@ def test_tampered_or_truncated_weights_are_refused(untrained_bundle, tmp_path):
 def test_not_a_bundle(tmp_path):
     with pytest.raises(ModelError, match="not a model bundle"):
         load_bundle(tmp_path)
+
+
+def test_a_tampered_ood_guard_is_refused(untrained_bundle, tmp_path):
+    bundle = _copy(untrained_bundle, tmp_path)
+    guard = bundle / OOD_FILE
+    guard.write_bytes(guard.read_bytes()[:-8])
+    with pytest.raises(ModelError, match="truncated or was modified"):
+        Predictor.from_bundle(bundle)

@@ -39,8 +39,9 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
 
 
 def test_train_writes_bundle_metrics_report_and_plots(tiny_run):
-    for name in ["model/model.safetensors", "model/model.onnx", "model/config.json", "metrics.json", "report.md", "splits.csv",
-                 "confusion_test.png", "roc_test.png", "learning_curves.png"]:
+    for name in ["model/model.safetensors", "model/model.onnx", "model/config.json", "model/ood.safetensors",
+                 "model/MODEL_CARD.md", "metrics.json", "report.md", "splits.csv", "confusion_test.png", "roc_test.png",
+                 "learning_curves.png", "reliability_test.png"]:
         assert (tiny_run / name).is_file(), name
     assert not (tiny_run / "checkpoint.pt").exists()
     metrics = json.loads((tiny_run / "metrics.json").read_text())
@@ -51,6 +52,23 @@ def test_train_writes_bundle_metrics_report_and_plots(tiny_run):
     assert config["classes"] == ["A", "B", "C"] and config["input_size"] == 64
     assert config["data"]["carved_splits"] == ["test", "val"] and len(config["data"]["fingerprint"]) == 64
     assert "test split was used for nothing but this evaluation" in (tiny_run / "report.md").read_text()
+
+
+def test_training_fits_calibration_ood_guard_and_referral_and_writes_a_model_card(tiny_run):
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    config = json.loads((tiny_run / "model/config.json").read_text())
+    temperature = metrics["calibration"]["temperature"]
+    assert temperature == config["calibration"]["temperature"] and 0.25 <= temperature <= 8
+    assert set(metrics["calibration"]["ece"]["test"]) == {"before", "after"}
+    assert config["ood"]["threshold"] > 0 and config["ood"]["training_images"] == config["data"]["counts"]["train"]
+    assert metrics["ood"]["flagged_rate"]["val"] == 0.0  # the threshold sits above every validation score
+    assert metrics["ood"]["synthetic_outliers_flagged"] > 0.5  # noise, blanks, documents: even a 2-epoch model
+    assert config["referral"]["threshold"] >= 0.95
+    card = (tiny_run / "model/MODEL_CARD.md").read_text()
+    for section in ("## Intended use", "not a diagnosis", "## Performance on the held-out test split", "## Calibration",
+                    "## Out-of-distribution guard", "## Referral rule", "## Shortcut probes", "## Known limitations"):
+        assert section in card, section
+    assert f"T = {temperature:.3f}" in card and "## Calibration" in (tiny_run / "report.md").read_text()
 
 
 def test_predict_json_and_table(tiny_run, tmp_path):

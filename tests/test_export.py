@@ -45,7 +45,7 @@ def images() -> np.ndarray:
 
 def test_export_records_checksums_and_how_int8_was_made(exported):
     config = json.loads((exported / "config.json").read_text())
-    assert set(config["files"]) == {"model.safetensors", ONNX, ONNX_INT8}
+    assert set(config["files"]) == {"model.safetensors", "ood.safetensors", ONNX, ONNX_INT8}
     assert all(len(digest) == 64 for digest in config["files"].values())
     int8 = config["onnx"]["int8"]
     assert int8["calibration_images"] > 0 and 0 < int8["fallback_margin"] <= 1

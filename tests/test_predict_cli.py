@@ -8,9 +8,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from _serving import SRC
 from conftest import encode, xray_like
+from PIL import Image
 
 from covid_xray import cli
 from covid_xray.batch import PredictionCSV, expand_paths, iter_predictions
@@ -52,7 +54,10 @@ def test_csv_then_resume_predicts_only_the_rest(untrained_bundle, folder, tmp_pa
     out = tmp_path / "predictions.csv"
     assert cli.main(["predict", str(untrained_bundle), str(folder), "--out", str(out), "--no-progress"]) == 1
     first = read_csv(out)
-    assert len(first) == 7 and first[0].keys() == {"path", "label", "Covid", "Normal", "Viral Pneumonia", "error"}
+    assert len(first) == 7 and list(first[0]) == ["path", "label", "Covid", "Normal", "Viral Pneumonia", "ood",
+                                                  "ood_score", "refer", "error"]
+    good = next(r for r in first if not r["error"])
+    assert good["ood"] in ("True", "False") and float(good["ood_score"]) >= 0 and good["refer"] in ("True", "False")
     assert sum(bool(r["error"]) for r in first) == 1
 
     # A run killed mid-row, and new images arrived since.
@@ -83,10 +88,20 @@ def test_json_and_table_output(untrained_bundle, folder, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["path"] == image and rows[0]["label"] in rows[0]["probabilities"]
     assert list(rows[0]["probabilities"]) == ["Covid", "Normal", "Viral Pneumonia"]
+    assert rows[0]["ood"] is False and isinstance(rows[0]["ood_score"], float) and isinstance(rows[0]["refer"], bool)
     assert "error" in rows[1]
     assert cli.main(["predict", str(untrained_bundle), image]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:2] == ["image", "label"] and table[1].startswith(image)
+    assert "NOT A CHEST X-RAY" not in table[1]
+
+
+def test_table_warns_about_an_image_that_is_not_an_xray(untrained_bundle, tmp_path, capsys):
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200), dtype=np.uint8)).save(noise)
+    assert cli.main(["predict", str(untrained_bundle), str(noise)]) == 0
+    row = capsys.readouterr().out.splitlines()[1]
+    assert "NOT A CHEST X-RAY? (out of distribution)" in row and "REFER" in row
 
 
 def test_cli_module_imports_nothing_heavy():

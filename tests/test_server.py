@@ -15,6 +15,7 @@ import pytest
 from _serving import dicom_bytes, png_bomb, wait_ready
 from conftest import encode, xray_like
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from covid_xray.inference import Predictor
 from covid_xray.server import Batcher, QueueFull, ServerSettings, create_app
@@ -54,6 +55,8 @@ def assert_matches(prediction: dict, expected: dict) -> None:
     assert list(prediction["probabilities"]) == list(expected["probabilities"])  # bundle order
     np.testing.assert_allclose(list(prediction["probabilities"].values()),
                                list(expected["probabilities"].values()), atol=1e-4)
+    assert (prediction["ood"], prediction["refer"]) == (expected["ood"], expected["refer"])
+    assert prediction["ood_score"] == pytest.approx(expected["ood_score"], abs=1e-4)
 
 
 # --- routes ----------------------------------------------------------------------------------
@@ -113,6 +116,16 @@ def test_json_batch_answers_each_instance_in_order(client, predictor):
     for got, expected in zip(predictions, predictor.predict(images), strict=True):
         assert_matches(got, expected)
     assert sum(predictions[0]["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+
+
+def test_every_prediction_carries_the_ood_and_referral_flags(client):
+    """An X-ray-like film passes the guard; noise and a blank image are flagged, and flagged means refer."""
+    noise = encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8)), "PNG")
+    blank = encode(Image.new("L", (256, 256), 255), "PNG")
+    film, *outliers = post(client, b64_doc(jpeg(seed=5), noise, blank), "application/json").json()["predictions"]
+    assert film["ood"] is False and isinstance(film["refer"], bool)
+    for p in outliers:
+        assert p["ood"] is True and p["refer"] is True and p["ood_score"] > film["ood_score"]
 
 
 @pytest.mark.parametrize("accept", ["application/json", "*/*", "text/html, application/json;q=0.5"])

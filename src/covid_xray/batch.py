@@ -53,6 +53,9 @@ class _Images:
             return i, None, str(e).removeprefix(f"{self.paths[i]}: ")
 
 
+FLAGS = ("ood", "ood_score", "refer")  # per-prediction flags, as CSV columns after the probabilities
+
+
 def _keep_as_list(items):  # module level: DataLoader workers pickle the collate function
     return items
 
@@ -64,7 +67,8 @@ def default_workers(n_files: int, batch_size: int) -> int:
 
 def iter_predictions(predictor: Predictor, paths: list[Path], *, batch_size: int = 32,
                      workers: int | None = None) -> Iterator[dict[str, Any]]:
-    """Yield one row per path, in order: `path`, then `label` and `probabilities`, or `error`."""
+    """Yield one row per path, in order: `path`, then the prediction (`label`, `probabilities`, `ood`,
+    `ood_score`, `refer`), or `error`."""
     from torch.utils.data import DataLoader
 
     workers = default_workers(len(paths), batch_size) if workers is None else workers
@@ -72,14 +76,14 @@ def iter_predictions(predictor: Predictor, paths: list[Path], *, batch_size: int
                         collate_fn=_keep_as_list, prefetch_factor=2 if workers else None)
     for batch in loader:
         good = [(i, image) for i, image, _ in batch if image is not None]
-        probs = predictor.probabilities(np.stack([image for _, image in good])) if good else []
-        by_index = {i: predictor.result(p) for (i, _), p in zip(good, probs)}
+        scores = predictor.score(np.stack([image for _, image in good])) if good else []
+        by_index = {i: predictor.result(s) for (i, _), s in zip(good, scores)}
         for i, _, error in batch:
             yield {"path": str(paths[i]), **by_index[i]} if error is None else {"path": str(paths[i]), "error": error}
 
 
 class PredictionCSV:
-    """`path,label,<class>…,error` rows, flushed one batch at a time.
+    """`path,label,<class>…,ood,ood_score,refer,error` rows, flushed one batch at a time.
 
     With `resume`, the rows already in the file are kept (a half-written last line from a killed
     run is dropped) and `done` lists their paths, so only the rest needs predicting.
@@ -87,7 +91,7 @@ class PredictionCSV:
 
     def __init__(self, path: str | os.PathLike, classes: list[str], *, resume: bool = False):
         self.path, self.classes = Path(path), classes
-        self.header = ["path", "label", *classes, "error"]
+        self.header = ["path", "label", *classes, *FLAGS, "error"]
         self.done: set[str] = set()
         exists = resume and self.path.is_file() and self.path.stat().st_size > 0
         if exists:
@@ -115,7 +119,9 @@ class PredictionCSV:
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
         for r in rows:
             probs = r.get("probabilities", {})
-            self._writer.writerow([r["path"], r.get("label", ""), *(probs.get(c, "") for c in self.classes), r.get("error", "")])
+            flags = ["" if r.get(f) is None else r[f] for f in FLAGS]
+            self._writer.writerow([r["path"], r.get("label", ""), *(probs.get(c, "") for c in self.classes), *flags,
+                                   r.get("error", "")])
         self._file.flush()
 
     def close(self) -> None:

@@ -130,12 +130,15 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _print_table(rows: list[dict], classes: list[str]) -> None:
     width = max(len(r["path"]) for r in rows)
-    print(f"{'image':<{width}}  {'label':<16}  " + "  ".join(f"{c:>16}" for c in classes))
+    print(f"{'image':<{width}}  {'label':<16}  " + "  ".join(f"{c:>16}" for c in classes) + "  flags")
     for r in rows:
         if "error" in r:
             print(f"{r['path']:<{width}}  error: {r['error']}")
-        else:
-            print(f"{r['path']:<{width}}  {r['label']:<16}  " + "  ".join(f"{r['probabilities'][c]:>16.4f}" for c in classes))
+            continue
+        flags = [text for key, text in (("ood", "NOT A CHEST X-RAY? (out of distribution)"),
+                                        ("refer", "REFER: low confidence")) if r.get(key)]
+        print(f"{r['path']:<{width}}  {r['label']:<16}  " + "  ".join(f"{r['probabilities'][c]:>16.4f}" for c in classes)
+              + "  " + "; ".join(flags))
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -16,9 +16,10 @@ import numpy as np
 
 from .bundle import ONNX, ONNX_INT8, add_files, bundle_dataset, load_bundle
 from .errors import ModelError
-from .inference import onnx_session, softmax
+from .evaluation import softmax
+from .inference import onnx_session
 
-INPUT, OUTPUT = "image", "logits"
+INPUT, OUTPUTS = "image", ("logits", "features")
 CALIBRATION_IMAGES = 128
 # Training images the calibration does not see, for measuring how far int8 drifts from fp32.
 HELD_OUT_IMAGES = 64
@@ -41,7 +42,8 @@ def export_bundle(bundle: str | Path, *, int8: bool = False, data: str | Path | 
         files = {ONNX: Path(tmp) / ONNX}
         export_onnx(model, size, files[ONNX])
         log(f"{ONNX}: max |probability difference| vs PyTorch {_check_parity(model, files[ONNX], size):.1e}")
-        info: dict[str, Any] = {"input": f"{INPUT}: uint8 N×1×{size}×{size}", "output": f"{OUTPUT}: float32 N×C"}
+        info: dict[str, Any] = {"input": f"{INPUT}: uint8 N×1×{size}×{size}",
+                                "outputs": "logits: float32 N×C; features: float32 N×D (penultimate, for the OOD guard)"}
         if train is not None:
             files[ONNX_INT8] = Path(tmp) / ONNX_INT8
             info["int8"] = _export_int8(files[ONNX], train, calibration_images, files[ONNX_INT8], log)
@@ -66,14 +68,22 @@ def _export_int8(fp32: Path, train: np.ndarray, calibration_images: int, out: Pa
 
 
 def export_onnx(model, size: int, out: Path) -> None:
-    """An XrayNet as one self-contained fp32 ONNX file: uint8 N×1×size×size in, logits out."""
+    """An XrayNet as one self-contained fp32 ONNX file: uint8 N×1×size×size in; logits and features out."""
     import torch
+
+    class WithFeatures(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.model.forward_with_features(x)
 
     example = torch.zeros(2, 1, size, size, dtype=torch.uint8)
     # The batch is dynamic; height and width stay fixed so ONNX Runtime can plan every layer ahead.
     torch.onnx.export(
-        model, (example,), out, input_names=[INPUT], output_names=[OUTPUT], dynamo=True, external_data=False,
-        dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, verbose=False,
+        WithFeatures().eval(), (example,), out, input_names=[INPUT], output_names=list(OUTPUTS), dynamo=True,
+        external_data=False, dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, verbose=False,
     )
 
 

@@ -1,33 +1,33 @@
-"""`Predictor`: image files or bytes → the same preprocessing as training → class probabilities.
+"""`Predictor`: image files or bytes → the same preprocessing as training → class probabilities,
+out-of-distribution score and referral flag.
 
-The CLI, the server and the SageMaker handlers all predict through this class. Probabilities come
-from PyTorch or, when the bundle has an exported graph (`covid-xray export`), from ONNX Runtime on
-CPU; `backend` chooses, `auto` prefers the fp32 ONNX graph. ONNX Runtime and PyTorch are imported
-only when used, so a command that predicts with ONNX never pays for importing torch.
+The CLI, the server and the SageMaker handlers all predict through this class. The model's logits
+and features come from PyTorch or, when the bundle has an exported graph (`covid-xray export`),
+from ONNX Runtime on CPU; `backend` chooses, `auto` prefers the fp32 ONNX graph. ONNX Runtime and
+PyTorch are imported only when used, so a command that predicts with ONNX never pays for importing
+torch. Temperature scaling, the OOD guard and the referral rule are fitted at training time and
+stored in the bundle; they are applied here, the same way for every backend.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import ood
 from .bundle import ONNX, ONNX_INT8, read_config, verify_file
 from .data import load_image
 from .errors import ModelError
+from .evaluation import softmax
 
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 # Lets `serve` and the SageMaker handlers, which load a bundle without options, pick a backend.
 BACKEND_ENV = "COVID_XRAY_BACKEND"
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def cpu_count() -> int:
@@ -53,27 +53,27 @@ def onnx_session(path: Path):
 
 
 class OnnxModel:
-    """Class probabilities from an exported graph. With a `fallback`, images whose top-2 margin is
-    below `margin` are re-scored by it: int8 error can flip only near-ties, and those are few."""
+    """Logits and features from an exported graph. With a `fallback`, images whose top-2 probability
+    margin is below `margin` are re-scored by it: int8 error can flip only near-ties, and those are few."""
 
     def __init__(self, path: Path, fallback: OnnxModel | None = None, margin: float = 0.0):
         self.session = onnx_session(path)
         self.input = self.session.get_inputs()[0].name
-        self.n_classes = int(self.session.get_outputs()[0].shape[1])
+        self.shapes = [int(out.shape[1]) for out in self.session.get_outputs()]  # classes, feature size
         self.fallback, self.margin = fallback, margin
 
-    def __call__(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    def __call__(self, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         if not len(images):
-            return np.zeros((0, self.n_classes), np.float32)
-        logits = [self.session.run(None, {self.input: images[i : i + batch_size, None]})[0]
-                  for i in range(0, len(images), batch_size)]
-        probs = softmax(np.concatenate(logits))
+            return tuple(np.zeros((0, n), np.float32) for n in self.shapes)
+        runs = [self.session.run(None, {self.input: images[i : i + batch_size, None]})
+                for i in range(0, len(images), batch_size)]
+        logits, features = (np.concatenate(parts) for parts in zip(*runs))
         if self.fallback is not None:
-            top2 = np.sort(probs, axis=1)[:, -2:]
+            top2 = np.sort(softmax(logits), axis=1)[:, -2:]
             near = top2[:, 1] - top2[:, 0] < self.margin
             if near.any():
-                probs[near] = self.fallback(images[near], batch_size)
-        return probs
+                logits[near], features[near] = self.fallback(images[near], batch_size)
+        return logits, features
 
 
 def resolve_backend(requested: str | None, config: dict[str, Any], bundle: Path) -> str:
@@ -95,9 +95,24 @@ def resolve_backend(requested: str | None, config: dict[str, Any], bundle: Path)
     return requested
 
 
+def load_guard(bundle: Path, config: dict[str, Any]) -> ood.OODGuard | None:
+    """The bundle's out-of-distribution guard (None for a bundle trained without one)."""
+    if "ood" not in config:
+        return None
+    return ood.OODGuard.load(verify_file(bundle, ood.FILE, config, recorded=True), config["ood"])
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What the model says about one image: calibrated class probabilities and its OOD score."""
+
+    probabilities: np.ndarray
+    ood_score: float | None
+
+
 class Predictor:
     def __init__(self, model, config: dict[str, Any], onnx: OnnxModel | None = None,
-                 bundle: Path | None = None, backend: str = "torch"):
+                 bundle: Path | None = None, backend: str = "torch", guard: ood.OODGuard | None = None):
         self._model = model
         self.config = config
         self.classes: list[str] = list(config["classes"])
@@ -105,6 +120,9 @@ class Predictor:
         self.onnx = onnx
         self.bundle = bundle
         self.backend = backend
+        self.guard = guard
+        self.temperature = float(config.get("calibration", {}).get("temperature", 1.0))
+        self.refer_below = float(config.get("referral", {}).get("threshold", 0.0))
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, backend: str | None = None) -> Predictor:
@@ -112,15 +130,16 @@ class Predictor:
         path = Path(path)
         config = read_config(path)
         backend = resolve_backend(backend, config, path)
+        guard = load_guard(path, config)
         if backend == "torch":
             from .bundle import load_bundle
 
-            return cls(*load_bundle(path), bundle=path)
+            return cls(*load_bundle(path), bundle=path, guard=guard)
         onnx = OnnxModel(verify_file(path, ONNX, config, recorded=True))
         if backend == "onnx-int8":
             margin = float(config.get("onnx", {}).get("int8", {}).get("fallback_margin", 0.0))
             onnx = OnnxModel(verify_file(path, ONNX_INT8, config, recorded=True), fallback=onnx, margin=margin)
-        return cls(None, config, onnx=onnx, bundle=path, backend=backend)
+        return cls(None, config, onnx=onnx, bundle=path, backend=backend, guard=guard)
 
     @property
     def model(self):
@@ -135,21 +154,43 @@ class Predictor:
         """One image → uint8 size×size array, exactly as training saw it. Raises ImageError."""
         return load_image(source, self.size)
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """N×size×size uint8 → N×C float32 class probabilities, on the chosen backend."""
+    def outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """N×size×size uint8 → logits N×C and penultimate features N×D, on the chosen backend."""
         if self.onnx is not None:
             return self.onnx(images)
-        from .models import predict_probs
+        from .models import predict_outputs
 
-        return predict_probs(self.model, images)
+        return predict_outputs(self.model, images)
 
-    def result(self, probs: np.ndarray) -> dict[str, Any]:
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """N×size×size uint8 → N×C float32 calibrated class probabilities."""
+        return softmax(self.outputs(images)[0], self.temperature)
+
+    def score(self, images: np.ndarray) -> list[Scores]:
+        """N×size×size uint8 → per image, calibrated probabilities and OOD score."""
+        logits, features = self.outputs(images)
+        probs = softmax(logits, self.temperature)
+        if self.guard is None:
+            return [Scores(p, None) for p in probs]
+        return [Scores(p, float(s)) for p, s in zip(probs, self.guard.score(features))]
+
+    def result(self, scores: Scores) -> dict[str, Any]:
+        """The JSON-ready prediction: label, probabilities, and the flags a clinician must see.
+
+        `ood`: the image does not look like the training X-rays. `refer`: do not act on this answer
+        without a radiologist (out of distribution, or calibrated confidence below the threshold
+        chosen on validation for the target Covid sensitivity)."""
+        probs = scores.probabilities
+        ood_flag = None if self.guard is None else bool(self.guard.flags(scores.ood_score))
         return {
             "label": self.classes[int(np.argmax(probs))],
             "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, probs)},
+            "ood": ood_flag,
+            "ood_score": None if scores.ood_score is None else round(scores.ood_score, 4),
+            "refer": bool(ood_flag) or float(probs.max()) < self.refer_below,
         }
 
     def predict(self, sources: list[str | os.PathLike | bytes]) -> list[dict[str, Any]]:
         """Predict every source; raises ImageError on the first unreadable one."""
         images = np.stack([self.preprocess(s) for s in sources])
-        return [self.result(p) for p in self.probabilities(images)]
+        return [self.result(s) for s in self.score(images)]

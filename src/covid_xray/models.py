@@ -53,6 +53,12 @@ class XrayNet(nn.Module):
         """Pooled penultimate features (what the classifier head sees)."""
         return self.backbone.forward_head(self.backbone.forward_features(self.normalize(x)), pre_logits=True)
 
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the penultimate features they come from (the out-of-distribution guard reads
+        the features), in one pass. Equals `forward` in eval mode."""
+        features = self.features(x)
+        return self.head(features), features
+
     @property
     def head(self) -> nn.Module:
         return self.backbone.get_classifier()
@@ -141,13 +147,23 @@ def _load_into(net: nn.Module, sd: dict[str, torch.Tensor]) -> None:
 
 
 @torch.inference_mode()
-def predict_probs(model: nn.Module, images, batch_size: int = 32) -> np.ndarray:
-    """Class probabilities (N×C float32, fp32 compute) for uint8 images N×H×W, in batches."""
+def predict_outputs(model: XrayNet, images, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (N×C) and penultimate features (N×D), float32 with fp32 compute, for uint8 images N×H×W."""
     model.eval()
     device = next(model.parameters()).device
-    out = []
+    logits, features = [], []
     for start in range(0, len(images), batch_size):
         x = torch.as_tensor(np.ascontiguousarray(images[start : start + batch_size])).unsqueeze(1).to(device)
-        out.append(model(x).float().softmax(dim=1).cpu().numpy())
-    n_classes = model.head.out_features
-    return np.concatenate(out) if out else np.zeros((0, n_classes), np.float32)
+        lg, ft = model.forward_with_features(x)
+        logits.append(lg.float().cpu().numpy())
+        features.append(ft.float().cpu().numpy())
+    if not logits:
+        return np.zeros((0, model.head.out_features), np.float32), np.zeros((0, model.head.in_features), np.float32)
+    return np.concatenate(logits), np.concatenate(features)
+
+
+def predict_probs(model: XrayNet, images, batch_size: int = 32) -> np.ndarray:
+    """Class probabilities (N×C float32, fp32 compute) for uint8 images N×H×W, in batches."""
+    from .evaluation import softmax
+
+    return softmax(predict_outputs(model, images, batch_size)[0])

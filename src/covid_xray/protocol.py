@@ -18,7 +18,7 @@ import numpy as np
 from .errors import CovidXrayError, ImageError
 
 if TYPE_CHECKING:
-    from .inference import Predictor
+    from .inference import Predictor, Scores
 
 JSON = "application/json"
 IMAGE_TYPES = ("image/jpeg", "image/png", "application/x-image", "application/dicom")
@@ -154,10 +154,10 @@ def model_identity(predictor: Predictor) -> dict[str, Any]:
     }
 
 
-def build_response(predictor: Predictor, probabilities: np.ndarray, identity: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_response(predictor: Predictor, scores: list[Scores], identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """One response shape for one image or many: a `predictions` list in request order."""
     return {
-        "predictions": [predictor.result(p) for p in probabilities],
+        "predictions": [predictor.result(s) for s in scores],
         "model": identity or model_identity(predictor),
     }
 

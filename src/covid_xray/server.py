@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -88,7 +88,7 @@ class _Item:
 
 
 class Batcher:
-    """Runs `predict` (uint8 N×S×S → N×C) on micro-batches in `threads` threads sharing one model.
+    """Runs `predict` (uint8 N×S×S → one result per image) on micro-batches in `threads` threads sharing one model.
 
     A batch is sent to the model when it is full, when `max_wait` has passed, or at once when no
     other request is still being decoded: a lone client never pays the wait, concurrent ones share
@@ -97,7 +97,7 @@ class Batcher:
     memory growth and ever-longer waits.
     """
 
-    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], *, max_batch_size: int = 8,
+    def __init__(self, predict: Callable[[np.ndarray], Sequence[Any]], *, max_batch_size: int = 8,
                  max_wait_s: float = 0.005, queue_size: int = 64, threads: int = 1,
                  initializer: Callable[[], None] | None = None):
         self._predict, self._initializer = predict, initializer
@@ -193,14 +193,14 @@ class Batcher:
             if not live:
                 continue
             try:
-                probs = self._predict(np.stack([item.image for item in live]))
+                results = self._predict(np.stack([item.image for item in live]))
             except Exception as e:  # a model failure fails these requests (500), never the thread
                 log.exception("inference failed for a batch of %d", len(live))
                 for item in live:
                     item.future.set_exception(e)
                 continue
-            for item, p in zip(live, probs):
-                item.future.set_result(p)
+            for item, result in zip(live, results):
+                item.future.set_result(result)
             with self._cond:
                 self.batch_sizes[len(live)] += 1
 
@@ -226,14 +226,14 @@ class ModelState:
             predictor = Predictor.from_bundle(bundle)
             # Warm up both shapes we will see most, so the first clients do not pay for setup.
             for n in sorted({1, settings.max_batch_size}):
-                predictor.probabilities(np.zeros((n, predictor.size, predictor.size), np.uint8))
+                predictor.score(np.zeros((n, predictor.size, predictor.size), np.uint8))
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}" if not isinstance(e, protocol.CovidXrayError) else str(e)
             log.error("cannot load model bundle %s: %s", bundle, self.error)
             return
         self.predictor, self.identity = predictor, protocol.model_identity(predictor)
         self.batcher = Batcher(
-            predictor.probabilities, max_batch_size=settings.max_batch_size,
+            predictor.score, max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000, queue_size=settings.queue_size,
             threads=settings.inference_threads, initializer=partial(_set_torch_threads, settings.torch_threads),
         ).start()
@@ -350,8 +350,8 @@ def create_app(bundle_path: str | os.PathLike, settings: ServerSettings | None =
         with state.batcher.admit():
             images = await asyncio.get_running_loop().run_in_executor(decode_pool, _decode, body, content_type)
             futures = state.batcher.submit(images)
-        probs = np.stack(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
-        return _json(protocol.build_response(state.predictor, probs, state.identity))
+        scores = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        return _json(protocol.build_response(state.predictor, scores, state.identity))
 
     def _decode(body: bytes, content_type: str | None) -> np.ndarray:
         payloads = protocol.decode_request(

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import audit, evaluation
+from . import audit, evaluation, model_card, ood
 from . import data as data_mod
 from .bundle import save_bundle
 from .errors import CovidXrayError
-from .models import DEFAULT_BACKBONE, XrayNet, create_model, input_size, predict_probs
+from .models import DEFAULT_BACKBONE, XrayNet, create_model, input_size, predict_outputs, predict_probs
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -48,6 +48,7 @@ class TrainConfig:
     skip_bad_images: bool = False
     amp: bool = True  # bfloat16 autocast on CPUs with native bf16, fp16/bf16 on GPUs
     bootstrap: int = 1000
+    refer_sensitivity: float = 0.95  # Covid sensitivity (detected or referred) the referral threshold aims for
     onnx: bool = True  # also write model.onnx (fast CPU inference) when the onnx extra is installed
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -294,7 +295,7 @@ def fit(
 
 def _resume_key(cfg: TrainConfig) -> dict[str, Any]:
     """Settings that must match for a checkpoint to be resumed."""
-    return {k: v for k, v in asdict(cfg).items() if k not in ("patience", "bootstrap", "onnx", "extra")}
+    return {k: v for k, v in asdict(cfg).items() if k not in ("patience", "bootstrap", "refer_sensitivity", "onnx", "extra")}
 
 
 def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, resume: bool = False, log=print) -> dict[str, Any]:
@@ -332,14 +333,23 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.P
         return {}
     model.cpu()
 
+    labels = {s: [sample.label for sample in decoded[s].samples] for s in data_mod.SPLITS}
+    logits, features = {}, {}
+    for split in data_mod.SPLITS:
+        logits[split], features[split] = predict_outputs(model, decoded[split].images)
+    _, outlier_features = predict_outputs(model, np.concatenate(list(ood.synthetic_outliers(size).values())))
+    trust = fit_trust(logits, features, labels, dataset.classes, cfg, outlier_features)
     metrics: dict[str, Any] = {}
     plots = []
     probs = {}
     for split in ("val", "test"):
-        y = [s.label for s in decoded[split].samples]
-        probs[split] = predict_probs(model, decoded[split].images)
-        metrics[split] = evaluation.compute_metrics(y, probs[split], dataset.classes, n_boot=cfg.bootstrap, seed=cfg.seed)
-        plots += evaluation.write_plots(run_dir, split, y, probs[split], dataset.classes, metrics[split])
+        probs[split] = evaluation.softmax(logits[split], trust["temperature"])
+        metrics[split] = evaluation.compute_metrics(labels[split], probs[split], dataset.classes, n_boot=cfg.bootstrap, seed=cfg.seed)
+        plots += evaluation.write_plots(run_dir, split, labels[split], probs[split], dataset.classes, metrics[split])
+    metrics.update(trust["metrics"])
+    evaluation.plot_reliability(logits["test"], labels["test"], trust["temperature"], run_dir / "reliability_test.png",
+                                "Reliability (test)")
+    plots.append("reliability_test.png")
     test_dedup = audit.metrics_without_leaks(
         decoded["test"].samples, probs["test"], audit_report, n_boot=cfg.bootstrap, seed=cfg.seed
     )
@@ -383,8 +393,10 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.P
             split: {"accuracy": metrics[split]["accuracy"], "macro_auc": metrics[split]["macro_auc"], "n": metrics[split]["n"]}
             for split in ("val", "test", "test_dedup") if split in metrics
         },
+        **trust["config"],
     }
-    save_bundle(run_dir / "model", model, config)
+    card = model_card.render(config, metrics, audit_report)
+    save_bundle(run_dir / "model", model, config, files={ood.FILE: trust["guard"].to_bytes(), model_card.FILE: card})
     if cfg.onnx and onnx_available():
         from .export import export_bundle
 
@@ -398,6 +410,46 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.P
     for line in lines + [f"train_seconds={elapsed:.1f}"]:
         log(line)
     return {"run_dir": run_dir, "report": report, "metrics": metrics, "config": config}
+
+
+def covid_index(classes: list[str]) -> int | None:
+    return next((i for i, c in enumerate(classes) if c.lower().startswith("covid")), None)
+
+
+def fit_trust(logits: dict[str, np.ndarray], features: dict[str, np.ndarray], labels: dict[str, list[int]],
+              classes: list[str], cfg: TrainConfig, outlier_features: np.ndarray) -> dict[str, Any]:
+    """Temperature, OOD guard and referral threshold, each fitted on training/validation outputs only;
+    how they do on test (and the guard on synthetic non-X-rays) is measured and reported, never used
+    to choose them."""
+    temperature = round(evaluation.fit_temperature(logits["val"], labels["val"]), 6)
+    guard = ood.OODGuard.fit(features["train"], features["val"])
+    covid = covid_index(classes)
+    val_probs = evaluation.softmax(logits["val"], temperature)
+    threshold = evaluation.referral_threshold(val_probs, labels["val"], covid, cfg.refer_sensitivity)
+    referral: dict[str, Any] = {"threshold": round(threshold, 6), "target_covid_sensitivity": cfg.refer_sensitivity}
+    ood_rates = {}
+    for split in ("val", "test"):
+        probs = evaluation.softmax(logits[split], temperature)
+        flagged = guard.flags(guard.score(features[split]))
+        refer = flagged | (probs.max(1) < threshold)
+        ood_rates[split] = round(float(flagged.mean()), 4) if len(flagged) else None
+        referral[split] = evaluation.referral_summary(probs, labels[split], refer, covid)
+    return {
+        "temperature": temperature,
+        "guard": guard,
+        "metrics": {
+            "calibration": evaluation.calibration_summary({s: logits[s] for s in ("val", "test")}, labels, temperature),
+            "ood": {**guard.config(), "flagged_rate": ood_rates,
+                    "synthetic_outliers_flagged": round(float(guard.flags(guard.score(outlier_features)).mean()), 4)},
+            "referral": referral,
+        },
+        "config": {
+            "calibration": {"temperature": temperature, "fitted_on": "val"},
+            "ood": guard.config(),
+            "referral": {"threshold": round(threshold, 6), "target_covid_sensitivity": cfg.refer_sensitivity,
+                         "rule": "refer when out of distribution or calibrated confidence < threshold"},
+        },
+    }
 
 
 def write_report(
@@ -428,6 +480,12 @@ def write_report(
         "![confusion](confusion_test.png) ![roc](roc_test.png)",
         "",
         *_dedup_section(metrics, classes),
+        model_card.trust_section(metrics, "##"),
+        "",
+        "![reliability](reliability_test.png)",
+        "",
+        f"The bundle carries a model card, `model/{model_card.FILE}`.",
+        "",
         "## Shortcut probe: masked lung field",
         "",
         audit.masked_explanation(metrics["test_masked"]),

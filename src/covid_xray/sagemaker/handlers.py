@@ -55,7 +55,7 @@ def input_fn(request_body: bytes | bytearray | str, request_content_type: str | 
 def predict_fn(input_data: list[bytes], model: Predictor) -> dict[str, Any]:
     """Decode the images as training did and predict them in one batch."""
     images = protocol.preprocess(model, input_data)
-    return protocol.build_response(model, model.probabilities(images))
+    return protocol.build_response(model, model.score(images))
 
 
 @_toolkit_errors
