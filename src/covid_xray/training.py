@@ -467,7 +467,8 @@ def _source_lines(d: dict[str, Any]) -> list[str]:
     if len(d["sources"]) == 1:
         return []
     return ["- sources (each split on its own, then joined):"] + [
-        f"  - `{name}`: {s['layout']} layout; " + ", ".join(f"{split} {n}" for split, n in s["counts"].items())
+        f"  - `{name}`: {s['layout']} layout, carved {', '.join(s['carved_splits']) or 'nothing'}; "
+        + ", ".join(f"{split} {n}" for split, n in s["counts"].items())
         + (" — **held out**: never trained on, all its images are the test split" if name == d["holdout_source"] else "")
         for name, s in d["sources"].items()
     ]
