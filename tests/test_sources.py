@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -43,16 +44,22 @@ def test_sources_are_named_explicitly_or_after_their_folder(tmp_path, two):
         parse_sources(["y=/nowhere"])
 
 
-def test_samples_carry_their_source_and_each_source_is_split_on_its_own(two):
+def test_samples_carry_their_source_and_each_source_is_split_on_its_own(tmp_path, two):
     hospital, clinic = two
-    ds = discover(parse_sources([f"north={hospital}", str(clinic)]))
-    assert ds.classes == ["A", "B", "C"] and [s.name for s in ds.sources] == ["north", "clinic"]
-    assert [(s.layout, s.carved) for s in ds.sources] == [("kaggle", ("val",)), ("folders", ("test", "val"))]
-    for name, path in (("north", hospital), ("clinic", clinic)):
+    images = make_class_tree(tmp_path / "south/images", per_class=8, seed=2000)
+    manifest = tmp_path / "south/labels.csv"
+    manifest.write_text("path,label\n" + "".join(f"{p.relative_to(manifest.parent)},{p.parent.name}\n"
+                                                 for p in sorted(images.rglob("*.png"))))
+    ds = discover(parse_sources([f"north={hospital}", str(clinic), str(manifest)]))
+    assert ds.classes == ["A", "B", "C"] and [s.name for s in ds.sources] == ["north", "clinic", "labels"]
+    assert [(s.layout, s.carved) for s in ds.sources] == [
+        ("kaggle", ("val",)), ("folders", ("test", "val")), ("csv", ("test", "val"))]
+    assert ds.layout == "kaggle+folders+csv" and ds.root == Path(os.path.commonpath([hospital, clinic, tmp_path]))
+    for name, path in (("north", hospital), ("clinic", clinic), ("labels", manifest)):
         alone = discover(path)
         for split in ("train", "val", "test"):
             assert _paths([s for s in ds[split] if s.source == name]) == _paths(alone[split])
-    assert {s.source for split in ds.splits.values() for s in split} == {"north", "clinic"}
+    assert {s.source for split in ds.splits.values() for s in split} == {"north", "clinic", "labels"}
 
 
 def test_one_source_splits_as_before(tmp_path, two):
