@@ -34,12 +34,13 @@ def encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
     return buf.getvalue()
 
 
-def make_class_tree(root: Path, classes=("A", "B", "C"), per_class: int = 8, size: int = 64) -> Path:
-    """A tiny class-folder dataset where each class has a distinct brightness (easy to learn)."""
+def make_class_tree(root: Path, classes=("A", "B", "C"), per_class: int = 8, size: int = 64, seed: int = 0) -> Path:
+    """A tiny class-folder dataset where each class has a distinct brightness (easy to learn); a
+    different `seed` gives different images (another source)."""
     for ci, c in enumerate(classes):
         (root / c).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            img = np.asarray(xray_like(size, seed=ci * 100 + i), dtype=np.int16) + (ci - 1) * 50
+            img = np.asarray(xray_like(size, seed=seed + ci * 100 + i), dtype=np.int16) + (ci - 1) * 50
             Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / c / f"{c}_{i}.png")
     return root
 

@@ -29,6 +29,8 @@ from .errors import ImageError
 HASH_SIZE = 16
 NEAR_THRESHOLD = 32
 THUMBNAIL = HASH_SIZE * 4  # phash's own working resolution: decoding straight to it skips a resample
+# Cramér's V between source and class: Cohen's conventional "medium" and "large" effects.
+CONFOUNDING_WEAK, CONFOUNDING_STRONG = 0.2, 0.5
 PROBE_FEATURES = ("width", "height", "aspect ratio", "mode", "format", "file size", "mean intensity", "std intensity")
 INTENSITY_FEATURES = ("mean intensity", "std intensity")
 
@@ -40,6 +42,7 @@ class FileInfo:
     path: Path
     split: str
     label: str
+    source: str = ""
     sha256: str = ""
     phash: np.ndarray | None = field(default=None, compare=False, repr=False)  # HASH_SIZE² bools
     width: int = 0
@@ -90,6 +93,29 @@ class ProbeResult:
         }
 
 
+@dataclass(frozen=True)
+class SourceMix:
+    """How the classes are spread over several data sources: when a source's class mix differs from
+    another's, the source (hospital, scanner, post-processing, patients' age) predicts the class."""
+
+    table: dict[str, dict[str, int]]  # source → class → files
+    holdout: str | None  # a source only tested on: left out of the measures below
+    cramers_v: float | None  # between training source and class: 0 same mix everywhere, 1 the source decides
+    p_value: float | None  # chi-square test of independence of training source and class
+    single_source_classes: dict[str, str]  # class → the only training source it comes from
+    single_class_sources: dict[str, str]  # training source → the only class it holds
+    verdict: str  # "none", "weak" or "strong"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "table": self.table, "holdout": self.holdout,
+            "cramers_v": None if self.cramers_v is None else round(self.cramers_v, 4),
+            "p_value": None if self.p_value is None else float(f"{self.p_value:.3g}"),
+            "single_source_classes": self.single_source_classes, "single_class_sources": self.single_class_sources,
+            "verdict": self.verdict,
+        }
+
+
 @dataclass
 class AuditReport:
     root: Path
@@ -102,6 +128,7 @@ class AuditReport:
     probe: ProbeResult | None
     probe_skipped: str | None  # why the probe could not run (too few images per class)
     near_threshold: int
+    source_mix: SourceMix | None = None  # only with several sources
 
     @property
     def unreadable(self) -> list[FileInfo]:
@@ -167,6 +194,7 @@ class AuditReport:
             ],
             "per_class": self.per_class(),
             "metadata_probe": self.probe.to_dict() if self.probe else {"skipped": self.probe_skipped},
+            "class_by_source": self.source_mix.to_dict() if self.source_mix else None,
         }
 
     def to_markdown(self, heading: str = "##") -> str:
@@ -178,7 +206,7 @@ class AuditReport:
 
 def audit_dataset(dataset: Dataset, *, near_threshold: int = NEAR_THRESHOLD, probe: bool = True, seed: int = 0) -> AuditReport:
     """Audit every file of every split of a discovered dataset."""
-    samples = [(s.path, split, dataset.classes[s.label]) for split, items in dataset.splits.items() for s in items]
+    samples = [(s.path, split, dataset.classes[s.label], s.source) for split, items in dataset.splits.items() for s in items]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
         files = list(pool.map(lambda t: inspect_file(*t), samples))
     readable = [f for f in files if not f.error]
@@ -194,6 +222,7 @@ def audit_dataset(dataset: Dataset, *, near_threshold: int = NEAR_THRESHOLD, pro
         root=dataset.root, layout=dataset.layout, classes=list(dataset.classes), files=files,
         exact_groups=exact_groups, near_pairs=near_pairs, leaks=_leaks(exact_groups, near_pairs),
         probe=probe_result, probe_skipped=skipped, near_threshold=near_threshold,
+        source_mix=source_mix(files, dataset.classes, dataset.holdout) if len(dataset.sources) > 1 else None,
     )
 
 
@@ -218,19 +247,19 @@ def metrics_without_leaks(
     return metrics
 
 
-def inspect_file(path: Path, split: str, label: str) -> FileInfo:
+def inspect_file(path: Path, split: str, label: str, source: str = "") -> FileInfo:
     """Read one file once: hashes, header properties and thumbnail statistics."""
     try:
         data = path.read_bytes()
     except OSError as e:
-        return FileInfo(path, split, label, error=f"cannot read file ({e.strerror or e})")
+        return FileInfo(path, split, label, source, error=f"cannot read file ({e.strerror or e})")
     try:
         thumb = load_image(data, THUMBNAIL)
         width, height, mode, fmt = _header(data)
     except ImageError as e:
-        return FileInfo(path, split, label, error=str(e).split(": ", 1)[-1])
+        return FileInfo(path, split, label, source, error=str(e).split(": ", 1)[-1])
     return FileInfo(
-        path, split, label, sha256=hashlib.sha256(data).hexdigest(), phash=_phash(thumb),
+        path, split, label, source, sha256=hashlib.sha256(data).hexdigest(), phash=_phash(thumb),
         width=width, height=height, mode=mode, format=fmt, size_bytes=len(data),
         mean=float(thumb.mean()), std=float(thumb.std()),
     )
@@ -301,6 +330,56 @@ def _leaks(exact_groups: list[list[FileInfo]], near_pairs: list[NearPair]) -> li
             entry["copies"].append(other.path)
             entry["distance"] = min(entry["distance"], pair.distance)
     return [Leak(p, e["kind"], tuple(e["copies"]), e["distance"]) for p, e in sorted(copies.items())]
+
+
+# --- several sources: is the class confounded with the source? -------------------------------------
+
+
+def source_mix(files: list[FileInfo], classes: list[str], holdout: str | None = None) -> SourceMix:
+    """Files per source and class (unreadable ones too: the question is what the data is made of), and
+    how strongly the training sources predict the class: Cramér's V, structural gaps, a verdict."""
+    from scipy.stats import chi2_contingency
+
+    table = {s: {c: 0 for c in classes} for s in dict.fromkeys(f.source for f in files)}
+    for f in files:
+        table[f.source][f.label] += 1
+    trained = {s: row for s, row in table.items() if s != holdout}
+    if len(trained) < 2:
+        return SourceMix(table, holdout, None, None, {}, {}, "none")
+    present = [c for c in classes if any(row[c] for row in trained.values())]
+    sources_of = {c: [s for s, row in trained.items() if row[c]] for c in present}
+    classes_of = {s: [c for c in present if row[c]] for s, row in trained.items()}
+    single_source = {c: found[0] for c, found in sources_of.items() if len(found) == 1}
+    single_class = {s: found[0] for s, found in classes_of.items() if len(found) == 1}
+    counts = np.array([[row[c] for c in present] for row in trained.values()])
+    chi2, p, _, _ = chi2_contingency(counts, correction=False)
+    v = float(np.sqrt(chi2 / (counts.sum() * (min(counts.shape) - 1))))
+    if single_source or single_class or v >= CONFOUNDING_STRONG:
+        verdict = "strong"
+    elif v >= CONFOUNDING_WEAK and p < 0.01:
+        verdict = "weak"
+    else:
+        verdict = "none"
+    return SourceMix(table, holdout, v, float(p), single_source, single_class, verdict)
+
+
+def source_mix_explanation(mix: SourceMix) -> str:
+    """What the class × source table means, in plain words."""
+    if mix.cramers_v is None:
+        return f"One source to train on (the held-out source {mix.holdout!r} aside): nothing to compare between sources."
+    held = f"; the held-out source {mix.holdout!r} is left out, as the model never trains on it" if mix.holdout else ""
+    numbers = (f"Cramér's V between source and class {mix.cramers_v:.2f}: 0 means every source has the same class "
+               f"mix, 1 that the source alone tells the class; chi-square p = {mix.p_value:.2g}{held})")
+    if mix.verdict == "none":
+        return f"The classes are spread alike over the sources ({numbers}."
+    facts = [f" Class {c!r} comes only from source {s!r}." for c, s in mix.single_source_classes.items()]
+    facts += [f" Source {s!r} holds only class {c!r}." for s, c in mix.single_class_sources.items()]
+    return (f"Source and class are {'strongly' if mix.verdict == 'strong' else 'somewhat'} confounded ({numbers}."
+            + "".join(facts)
+            + " A model can learn to recognise the source (hospital, scanner, post-processing, the patients' age) "
+            "instead of the disease, and will then answer confidently and wrongly on X-rays from elsewhere. Prefer "
+            "sources that each hold every class, and train with --holdout-source to see how a model does on a "
+            "source it never saw.")
 
 
 # --- shortcut probe 1: metadata only -------------------------------------------------------------
@@ -464,6 +543,8 @@ def _markdown(r: AuditReport, h: str) -> str:
         f"- **test images that are copies of training/validation images: {len(r.leaks)}** "
         f"({exact_leaks} exact, {len(r.leaks) - exact_leaks} near)",
     ]
+    if r.source_mix:
+        lines += ["", *_source_mix_markdown(r.source_mix, r.classes, h)]
     if r.leaks:
         lines += ["", f"{h}# Test images leaked from training", "", "| test image | copy of | kind | distance (bits) |",
                   "| --- | --- | --- | --- |"]
@@ -492,6 +573,16 @@ def _markdown(r: AuditReport, h: str) -> str:
     else:
         lines.append(f"Skipped: {r.probe_skipped}.")
     return "\n".join(lines)
+
+
+def _source_mix_markdown(mix: SourceMix, classes: list[str], h: str) -> list[str]:
+    lines = [f"{h}# Class × source", "", "| source | " + " | ".join(classes) + " | total |",
+             "| --- |" + " --- |" * (len(classes) + 1)]
+    for source, row in mix.table.items():
+        name = f"{source} (held out)" if source == mix.holdout else source
+        lines.append(f"| {name} | " + " | ".join(str(row[c]) for c in classes) + f" | {sum(row.values())} |")
+    text = source_mix_explanation(mix)
+    return lines + ["", f"**{text}**" if mix.verdict != "none" else text]
 
 
 def _tagged(r: AuditReport, f: FileInfo) -> str:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,15 +111,21 @@ def add_files(path: str | os.PathLike, files: dict[str, Path], updates: dict[str
     return config
 
 
-def bundle_dataset(config: dict[str, Any], data: str | os.PathLike | None):
-    """The dataset split exactly as it was when this bundle was trained (same fractions and split
-    seed), so "test" means the same images; refuses data whose classes differ from the bundle's."""
-    from .data import discover, resolve_data_dir
+def bundle_dataset(config: dict[str, Any], data: str | os.PathLike | Sequence[str | os.PathLike] | None):
+    """The dataset split exactly as it was when this bundle was trained (same fractions, split seed,
+    sources and held-out source), so "test" means the same images; refuses data whose classes or
+    sources differ from the bundle's. `data`: `--data` value(s), NAME=PATH or PATH each."""
+    from .data import discover, parse_sources
 
     hp = config.get("hyperparameters", {})
+    sources = parse_sources(data)
+    trained = list(config.get("data", {}).get("sources", {}))
+    if len(trained) > 1 and sorted(trained) != sorted(s.name for s in sources):
+        raise ModelError(f"the bundle was trained on sources {', '.join(trained)}; pass each again as --data NAME=PATH "
+                         f"(got {', '.join(s.name for s in sources)})")
     dataset = discover(
-        resolve_data_dir(data), val_fraction=hp.get("val_fraction", 0.15),
-        test_fraction=hp.get("test_fraction", 0.2), split_seed=hp.get("split_seed", 0),
+        sources, val_fraction=hp.get("val_fraction", 0.15), test_fraction=hp.get("test_fraction", 0.2),
+        split_seed=hp.get("split_seed", 0), holdout=hp.get("holdout_source"),
     )
     if dataset.classes != config["classes"]:
         raise ModelError(f"the data's classes {dataset.classes} differ from the bundle's {config['classes']}; "

@@ -15,6 +15,9 @@ from .errors import CovidXrayError
 BACKEND_HELP = ("auto (ONNX Runtime when the bundle has model.onnx, else PyTorch) | torch | onnx | onnx-int8; "
                 "default: $COVID_XRAY_BACKEND, else auto")
 
+DATA_HELP = ("dataset folder or CSV manifest; repeat for several sources, each NAME=PATH or PATH (named after "
+             "its folder) (default: $COVID_XRAY_DATA, then ./data/Covid19-dataset)")
+
 
 def _launch_torchrun(nproc: int, argv: list[str]) -> int:
     """`train --nproc N`: rerun this same command under torchrun with N local processes."""
@@ -40,16 +43,17 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(args.nproc, args.argv)
-    from .data import resolve_data_dir
+    from .data import parse_sources
     from .training import TrainConfig, train_run
 
     cfg = TrainConfig(
         backbone=args.backbone, weights=args.weights, epochs=args.epochs, seed=args.seed, split_seed=args.split_seed,
         batch_size=args.batch_size, lr=args.lr, patience=args.patience, image_size=args.image_size,
         skip_bad_images=args.skip_bad_images, amp=not args.no_amp, onnx=not args.no_onnx,
+        holdout_source=args.holdout_source,
     )
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    result = train_run(cfg, resolve_data_dir(args.data), out, resume=args.resume, log=lambda m: print(m, flush=True))
+    result = train_run(cfg, parse_sources(args.data), out, resume=args.resume, log=lambda m: print(m, flush=True))
     if result:  # empty on the ranks of a distributed run that do not write
         print(f"bundle: {out / 'model'}")
         print(f"report: {result['report']}")
@@ -60,7 +64,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .audit import audit_dataset, metrics_without_leaks
     from .bundle import bundle_dataset
     from .data import decode_samples
-    from .evaluation import compute_metrics, confusion_table, metrics_table
+    from .evaluation import compute_metrics, confusion_table, metrics_table, per_source_metrics, per_source_table
     from .inference import Predictor
 
     predictor = Predictor.from_bundle(args.bundle, backend=args.backend)
@@ -74,14 +78,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.split == "test":  # copies of training images in test inflate every metric: report both
         report = audit_dataset(dataset, probe=False)
         metrics["dedup"] = metrics_without_leaks(decoded.samples, probs, report, n_boot=args.bootstrap)
+    if len(dataset.sources) > 1:
+        metrics["per_source"] = per_source_metrics(y, probs, [s.source for s in decoded.samples], dataset.classes,
+                                                   n_boot=args.bootstrap)
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
-    print(f"{args.split} split of {args.data or 'the dataset'}\n\n{metrics_table(metrics)}\n\n{confusion_table(metrics, dataset.classes)}")
+    where = ", ".join(args.data) if args.data else "the dataset"
+    print(f"{args.split} split of {where}\n\n{metrics_table(metrics)}\n\n{confusion_table(metrics, dataset.classes)}")
     dedup = metrics.get("dedup")
     if dedup and dedup["excluded"]:
         print(f"\nwithout the {len(dedup['excluded'])} test images that are copies of training/validation images "
               f"(covid-xray audit lists them)\n\n{metrics_table(dedup)}\n\n{confusion_table(dedup, dataset.classes)}")
+    if "per_source" in metrics:
+        print(f"\nper source\n\n{per_source_table(metrics['per_source'], dataset.holdout)}")
     return 0
 
 
@@ -165,10 +175,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     from .audit import NEAR_THRESHOLD, audit_dataset
-    from .data import discover, resolve_data_dir
+    from .data import discover, parse_sources
 
     threshold = NEAR_THRESHOLD if args.near_threshold is None else args.near_threshold
-    report = audit_dataset(discover(resolve_data_dir(args.data or args.data_option)), near_threshold=threshold)
+    report = audit_dataset(discover(parse_sources(args.data + (args.data_option or []))), near_threshold=threshold)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_markdown(heading="#"))
     return 0
 
@@ -304,7 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune a pretrained CNN and evaluate it on the test split")
-    p.add_argument("--data", help="dataset folder or CSV manifest (default: $COVID_XRAY_DATA, then ./data/Covid19-dataset)")
+    p.add_argument("--data", action="append", metavar="[NAME=]PATH", help=DATA_HELP)
+    p.add_argument("--holdout-source", metavar="NAME",
+                   help="train without this source and test on all its images (the other sources' test split "
+                        "is reported too, as test_in_sources)")
     p.add_argument("--out", help="run folder (default: runs/<timestamp>)")
     p.add_argument("--backbone", default="tf_efficientnet_lite0", help="any timm model name")
     p.add_argument("--weights", default="imagenet", help="imagenet | none | path to a state dict")
@@ -324,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="re-evaluate a bundle on a dataset split")
     p.add_argument("bundle")
-    p.add_argument("--data")
+    p.add_argument("--data", action="append", metavar="[NAME=]PATH",
+                   help="the data the bundle was trained on: every source again, under the same names")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the confidence intervals")
@@ -348,14 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("--onnx", action="store_true", help="write model.onnx (uint8 image in, logits out, dynamic batch)")
     p.add_argument("--int8", action="store_true", help="also write model.int8.onnx, calibrated on training images")
-    p.add_argument("--data", help="the training data, for int8 calibration (default: $COVID_XRAY_DATA)")
+    p.add_argument("--data", action="append", metavar="[NAME=]PATH",
+                   help="the training data, for int8 calibration; every source, as in train (default: $COVID_XRAY_DATA)")
     p.add_argument("--calibration-images", type=int, default=128, help="training images used to calibrate int8")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("audit", help="check a dataset: duplicates, leakage between splits, unreadable files, shortcuts")
-    p.add_argument("data", nargs="?", help="dataset folder or CSV manifest (default: $COVID_XRAY_DATA, then ./data/Covid19-dataset)")
+    p.add_argument("data", nargs="*", metavar="[NAME=]PATH", help=DATA_HELP)
     # --data too, as in train and evaluate (and as the dataset-not-found message suggests).
-    p.add_argument("--data", dest="data_option", help=argparse.SUPPRESS)
+    p.add_argument("--data", dest="data_option", action="append", help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print the audit as JSON")
     # The default lives in audit.NEAR_THRESHOLD; importing it here would slow every command's start.
     p.add_argument("--near-threshold", type=int, metavar="BITS",

@@ -7,12 +7,14 @@ evaluation, `predict` and the server see identical pixels.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import os
 import threading
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,17 @@ SPLITS = ("train", "val", "test")
 class Sample:
     path: Path
     label: int
+    source: str = ""  # the name of the data source (one --data) it came from
+
+
+@dataclass(frozen=True)
+class Source:
+    """One `--data` entry: its name, where it is, and (once discovered) its layout and carved splits."""
+
+    name: str
+    path: Path
+    layout: str = ""
+    carved: tuple[str, ...] = ()
 
 
 @dataclass
@@ -45,9 +58,11 @@ class Dataset:
 
     classes: list[str]
     splits: dict[str, list[Sample]]
-    layout: str  # "kaggle", "folders" or "csv"
+    layout: str  # "kaggle", "folders" or "csv"; several sources' distinct layouts joined by "+"
     carved: list[str] = field(default_factory=list)  # splits this code carved out (vs. given)
     root: Path = Path(".")
+    sources: list[Source] = field(default_factory=list)
+    holdout: str | None = None  # a source used only for testing: all its images are in "test"
 
     def __getitem__(self, split: str) -> list[Sample]:
         return self.splits[split]
@@ -62,10 +77,10 @@ class Dataset:
         """Record exactly which file went to which split, so a run can be audited and repeated."""
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["path", "label", "split"])
+            writer.writerow(["path", "label", "split", "source"])
             for split, samples in self.splits.items():
                 for s in samples:
-                    writer.writerow([_relative(s.path, self.root), self.classes[s.label], split])
+                    writer.writerow([_relative(s.path, self.root), self.classes[s.label], split, s.source])
 
 
 def resolve_data_dir(arg: str | os.PathLike | None) -> Path:
@@ -80,39 +95,107 @@ def resolve_data_dir(arg: str | os.PathLike | None) -> Path:
     )
 
 
+def parse_sources(data: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[Source]:
+    """`--data` values (one or several) as named sources. `NAME=PATH` names a source; otherwise its name
+    is the folder's (or manifest's) name, made unique with -2, -3, … No value: the default dataset."""
+    values = [data] if isinstance(data, (str, os.PathLike)) else list(data or []) or [None]
+    named: list[tuple[str | None, Path]] = []
+    for value in values:
+        name, sep, rest = str(value).partition("=") if value is not None else ("", "", "")
+        explicit = bool(sep and name and rest and "/" not in name and not Path(str(value)).exists())
+        named.append((name if explicit else None, resolve_data_dir(rest if explicit else value)))
+    taken = [name for name, _ in named if name]
+    if len(set(taken)) < len(taken):
+        raise DataError(f"source names must differ: {', '.join(taken)}")
+    sources = []
+    for name, path in named:
+        if name is None:
+            base = _default_name(path)
+            name, n = base, 1
+            while name in taken:
+                n += 1
+                name = f"{base}-{n}"
+            taken.append(name)
+        sources.append(Source(name, path))
+    return sources
+
+
+def _default_name(path: Path) -> str:
+    return (path.stem if path.is_file() else path.resolve().name) or "data"
+
+
 def discover(
-    data: str | os.PathLike,
+    data: str | os.PathLike | Sequence[Source],
     *,
     val_fraction: float = 0.15,
     test_fraction: float = 0.2,
     split_seed: int = 0,
+    holdout: str | None = None,
 ) -> Dataset:
-    """Find train/val/test samples in a Kaggle layout, a class-folder tree or a CSV manifest.
+    """Find train/val/test samples in one dataset (a path) or several sources, each a Kaggle layout,
+    a class-folder tree or a CSV manifest.
 
-    Validation is always carved from train (stratified, seeded); test is only carved when the
-    data does not provide one. Class names are sorted folder/label names.
+    Each source is split on its own: validation is always carved from its train (stratified, seeded);
+    test only when it does not provide one. The splits of all sources are then concatenated. Class
+    names are the sorted folder/label names of all sources. `holdout` names a source used for testing
+    only: all its images go to "test", none to train or val.
     """
-    root = Path(data)
+    if isinstance(data, (str, os.PathLike)):
+        sources = [Source(_default_name(Path(data)), Path(data))]
+    else:
+        sources = list(data)
+    names = [s.name for s in sources]
+    if holdout is not None and holdout not in names:
+        raise DataError(f"unknown --holdout-source {holdout!r}: the sources are {', '.join(names)}")
+    if holdout is not None and len(sources) == 1:
+        raise DataError(f"--holdout-source {holdout!r} is the only source: pass another --data to train on")
+    given = {s.name: _given_splits(s.path, single=len(sources) == 1) for s in sources}
+    classes = _check_classes(given, holdout)
+    index = {c: i for i, c in enumerate(classes)}
+
+    splits: dict[str, list[Sample]] = {s: [] for s in SPLITS}
+    found = []
+    for source in sources:
+        layout, items = given[source.name]
+        mine = {s: [Sample(p, index[label], source.name) for p, label in items.get(s, [])] for s in SPLITS}
+        carved: list[str] = []
+        if source.name == holdout:  # the model never sees any of it: every image tests it
+            mine = {"train": [], "val": [], "test": [x for s in SPLITS for x in mine[s]]}
+        else:
+            mine, carved = _carve(mine, val_fraction, test_fraction, split_seed)
+        for split in SPLITS:
+            splits[split] += mine[split]
+        found.append(dataclasses.replace(source, layout=layout, carved=tuple(carved)))
+
+    layout = "+".join(dict.fromkeys(s.layout for s in found))
+    carved = [split for split in ("test", "val") if any(split in s.carved for s in found)]
+    roots = [s.path.parent if s.layout == "csv" else s.path for s in found]
+    root = roots[0] if len(roots) == 1 else Path(os.path.commonpath([r.resolve() for r in roots]))
+    return Dataset(classes, splits, layout, carved, root, found, holdout)
+
+
+def _given_splits(root: Path, *, single: bool) -> tuple[str, dict[str, list[tuple[Path, str]]]]:
+    """A source's layout and the (path, class name) items of the splits it provides."""
     if not root.exists():
         raise DataError(f"{root} does not exist")
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise DataError(f"{root} is a file but not a CSV manifest (path,label[,split])")
-        given, layout, base = _read_manifest(root), "csv", root.parent
+        given, layout = _read_manifest(root), "csv"
     elif _class_dirs(root / "train"):
-        given, layout, base = {"train": _scan_class_dirs(root / "train")}, "kaggle", root
+        given, layout = {"train": _scan_class_dirs(root / "train")}, "kaggle"
         if (root / "test").is_dir():
             given["test"] = _scan_class_dirs(root / "test")
     elif _class_dirs(root):
-        given, layout, base = {"train": _scan_class_dirs(root)}, "folders", root
+        given, layout = {"train": _scan_class_dirs(root)}, "folders"
     else:
         raise DataError(
             f"{root} has no class folders: expected DIR/train/<class>/*.jpg (Kaggle layout), "
             f"DIR/<class>/*.jpg, or a CSV manifest with columns path,label[,split]"
         )
-
     classes = sorted({label for items in given.values() for _, label in items})
-    if len(classes) < 2:
+    # One source of several may hold one class (the audit then warns that source and class are confounded).
+    if single and len(classes) < 2:
         raise DataError(f"{root} has only one class ({', '.join(classes)}); need at least two")
     train_classes = {label for _, label in given.get("train", [])}
     for split, items in given.items():
@@ -122,17 +205,47 @@ def discover(
                 f"class sets differ between train ({', '.join(sorted(train_classes))}) and "
                 f"{split} ({', '.join(sorted(found))}) in {root}"
             )
-    index = {c: i for i, c in enumerate(classes)}
-    splits = {s: [Sample(p, index[label]) for p, label in given.get(s, [])] for s in SPLITS}
+    return layout, given
 
+
+def _check_classes(given: dict[str, tuple[str, dict[str, list[tuple[Path, str]]]]], holdout: str | None) -> list[str]:
+    """All sources' class names, sorted. Refuses a source whose class names differ from another
+    source's only in spelling (case, spaces, underscores, hyphens: one class under two names), a
+    held-out source with a class no training source has (the model could not learn it) and fewer
+    than two classes to train on."""
+    found = {name: sorted({label for items in g.values() for _, label in items}) for name, (_, g) in given.items()}
+    spelled: dict[str, str] = {}  # spelling-insensitive key → the name the first source to use it gives
+    for name, classes in found.items():
+        for c in classes:
+            other = spelled.get(_spelling(c), c)
+            if other != c:
+                raise DataError(f"source {name!r} has classes {', '.join(classes)}: {c!r} looks like {other!r} "
+                                f"of another source; use the same class names in every source")
+        for c in classes:
+            spelled.setdefault(_spelling(c), c)
+    trained = sorted({c for name, classes in found.items() if name != holdout for c in classes})
+    if len(trained) < 2:
+        raise DataError(f"the training sources have only one class ({', '.join(trained)}); need at least two")
+    if holdout is not None and set(found[holdout]) - set(trained):
+        raise DataError(f"held-out source {holdout!r} has classes {', '.join(found[holdout])}, but no training "
+                        f"source has {', '.join(sorted(set(found[holdout]) - set(trained)))}")
+    return sorted({c for classes in found.values() for c in classes})
+
+
+def _spelling(name: str) -> str:
+    return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
+
+
+def _carve(splits: dict[str, list[Sample]], val_fraction: float, test_fraction: float, seed: int):
+    """Carve test from train when not given, then validation from train (stratified, seeded)."""
     carved = []
     if not splits["test"]:
-        splits["train"], splits["test"] = _stratified_split(splits["train"], test_fraction, split_seed, "test")
+        splits["train"], splits["test"] = _stratified_split(splits["train"], test_fraction, seed, "test")
         carved.append("test")
     if not splits["val"]:
-        splits["train"], splits["val"] = _stratified_split(splits["train"], val_fraction, split_seed, "val")
+        splits["train"], splits["val"] = _stratified_split(splits["train"], val_fraction, seed, "val")
         carved.append("val")
-    return Dataset(classes, splits, layout, carved, base)
+    return splits, carved
 
 
 def _class_dirs(folder: Path) -> list[Path]:
@@ -317,6 +430,11 @@ class Decoded:
     digests: list[str]
     bad: list[str]  # one-line reasons for skipped files
 
+    def subset(self, keep: list[int]) -> Decoded:
+        """These samples only; the skipped files stay recorded with the whole split, not here."""
+        return Decoded(CachedImages([self.images.files[i] for i in keep]), [self.samples[i] for i in keep],
+                       [self.digests[i] for i in keep], [])
+
 
 def decode_samples(
     samples: list[Sample],
@@ -362,11 +480,14 @@ def _save_atomic(target: Path, array: np.ndarray) -> None:
 
 
 def fingerprint(digests_by_split: dict[str, list[str]], classes: list[str], samples_by_split) -> str:
-    """One SHA-256 over the content, label and split of every image used: identifies the data."""
+    """One SHA-256 over the content, label and split (and source, when there are several) of every
+    image used: identifies the data. One source's name is left out, so renaming its folder keeps it."""
+    several = len({s.source for samples in samples_by_split.values() for s in samples}) > 1
     h = hashlib.sha256()
     for split in sorted(digests_by_split):
         for digest, sample in sorted(zip(digests_by_split[split], samples_by_split[split]), key=lambda t: t[0]):
-            h.update(f"{split}:{classes[sample.label]}:{digest}\n".encode())
+            source = f"{sample.source}:" if several else ""
+            h.update(f"{split}:{source}{classes[sample.label]}:{digest}\n".encode())
     return h.hexdigest()
 
 

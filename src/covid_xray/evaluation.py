@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,9 @@ def compute_metrics(
         with np.errstate(divide="ignore", invalid="ignore"):
             return cm / cm.sum(axis=1, keepdims=True)
 
-    rate_lo, rate_hi = (np.nanpercentile([rates(b["confusion_matrix"]) for b in boots], q, axis=0) for q in (2.5, 97.5))
+    with warnings.catch_warnings():  # the rows of classes absent from these images are all NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rate_lo, rate_hi = (np.nanpercentile([rates(b["confusion_matrix"]) for b in boots], q, axis=0) for q in (2.5, 97.5))
     return {
         "accuracy": round(point["accuracy"], 4),
         "n": int(len(y)),
@@ -89,6 +92,18 @@ def compute_metrics(
             ],
         },
         "bootstrap_resamples": n_boot,
+    }
+
+
+def per_source_metrics(
+    y_true, probs, sources: list[str], classes: list[str], *, n_boot: int = 1000, seed: int = 0
+) -> dict[str, dict[str, Any]]:
+    """`compute_metrics` on each source's images (sources in order of first appearance). A source
+    missing a class gets None for that class's sensitivity and AUC, not an error."""
+    y, probs, sources_arr = np.asarray(y_true, dtype=int), np.asarray(probs, dtype=float), np.asarray(sources)
+    return {
+        name: compute_metrics(y[sources_arr == name], probs[sources_arr == name], classes, n_boot=n_boot, seed=seed)
+        for name in dict.fromkeys(sources)
     }
 
 
@@ -226,7 +241,8 @@ def plot_roc(y_true, probs, classes: list[str], metrics: dict[str, Any], path: P
             ax.plot(fpr, tpr, label=f"{c} (AUC {metrics['per_class'][c]['auc']:.3f})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="1 − specificity", ylabel="sensitivity", title=title)
-    ax.legend(loc="lower right", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no curve at all when the images are of one class
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -299,6 +315,19 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     for c, m in metrics["per_class"].items():
         cells = [_fmt(m[k], ci["per_class"][c][k]) for k in PER_CLASS]
         rows.append(f"| {c} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def per_source_table(per_source: dict[str, dict[str, Any]], holdout: str | None = None) -> str:
+    """One row per source: n, accuracy with its CI, each class's sensitivity, macro AUC."""
+    classes = list(next(iter(per_source.values()))["per_class"])
+    rows = ["| source | n | accuracy | " + " | ".join(f"sensitivity {c}" for c in classes) + " | macro AUC |",
+            "| --- |" + " --- |" * (len(classes) + 3)]
+    for name, m in per_source.items():
+        sensitivity = [_fmt(m["per_class"][c]["sensitivity"], (None, None)) for c in classes]
+        label = f"{name} (held out)" if name == holdout else name
+        rows.append(f"| {label} | {m['n']} | {_fmt(m['accuracy'], m['ci95']['accuracy'])} | " + " | ".join(sensitivity)
+                    + f" | {_fmt(m['macro_auc'], (None, None))} |")
     return "\n".join(rows)
 
 

@@ -30,7 +30,7 @@ PARITY_ATOL = 1e-4
 FALLBACK_SAFETY = 3.0
 
 
-def export_bundle(bundle: str | Path, *, int8: bool = False, data: str | Path | None = None,
+def export_bundle(bundle: str | Path, *, int8: bool = False, data: str | Path | list[str] | None = None,
                   calibration_images: int = CALIBRATION_IMAGES, log=print) -> dict[str, Any]:
     """Write model.onnx (and model.int8.onnx) into the bundle and record them in config.json."""
     bundle = Path(bundle)
@@ -102,7 +102,7 @@ def _check_parity(model, onnx_path: Path, size: int) -> float:
     return error
 
 
-def _training_images(config: dict[str, Any], data: str | Path | None, count: int) -> np.ndarray:
+def _training_images(config: dict[str, Any], data: str | Path | list[str] | None, count: int) -> np.ndarray:
     """Up to `count` images of the bundle's training split (spread over it, so every class is in)."""
     from .data import decode_samples
 

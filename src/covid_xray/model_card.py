@@ -109,6 +109,12 @@ def render(config: dict[str, Any], metrics: dict[str, Any], audit_report: audit.
     if dedup is not None and dedup["excluded"]:
         lines += [f"### Without the {len(dedup['excluded'])} test images that copy training images", "",
                   evaluation.metrics_table(dedup), ""]
+    if "per_source" in metrics:
+        holdout = d.get("holdout_source")
+        lines += ["### Per data source", "",
+                  (f"`{holdout}` was held out: the model never saw it, so its row is the best estimate of how the model "
+                   "does at a new site. " if holdout else "") + "Each source's test images:", "",
+                  evaluation.per_source_table(metrics["per_source"], holdout), ""]
     lines += [
         trust_section(metrics, "##"),
         "",

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ class TrainConfig:
     bootstrap: int = 1000
     refer_sensitivity: float = 0.95  # Covid sensitivity (detected or referred) the referral threshold aims for
     onnx: bool = True  # also write model.onnx (fast CPU inference) when the onnx extra is installed
+    holdout_source: str | None = None  # a source never trained on: all its images are the test split
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved_size(self) -> int:
@@ -298,7 +300,10 @@ def _resume_key(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(cfg).items() if k not in ("patience", "bootstrap", "refer_sensitivity", "onnx", "extra")}
 
 
-def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, resume: bool = False, log=print) -> dict[str, Any]:
+def train_run(
+    cfg: TrainConfig, data_dir: str | os.PathLike | Sequence[data_mod.Source], out_dir: str | os.PathLike, *,
+    resume: bool = False, log=print,
+) -> dict[str, Any]:
     """The whole training job. Writes RUN/model (the bundle), metrics.json, report.md, plots, splits.csv.
 
     Under torchrun, all ranks train; rank 0 alone evaluates and writes. Other ranks return {}."""
@@ -311,8 +316,12 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.P
     seed_everything(cfg.seed)
     size = cfg.resolved_size()
 
-    dataset = data_mod.discover(data_dir, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, split_seed=cfg.split_seed)
-    log(f"data: {dataset.layout} layout, classes {dataset.classes}, " + ", ".join(f"{s} {len(dataset[s])}" for s in data_mod.SPLITS))
+    dataset = data_mod.discover(
+        data_dir, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, split_seed=cfg.split_seed,
+        holdout=cfg.holdout_source,
+    )
+    log(f"data: {dataset.layout} layout, classes {dataset.classes}, " + ", ".join(f"{s} {len(dataset[s])}" for s in data_mod.SPLITS)
+        + _sources_line(dataset))
     if dist.main:  # the audit and every file the run writes are rank 0's job
         dataset.write_splits_csv(run_dir / "splits.csv")
         audit_report = audit.audit_dataset(dataset, seed=cfg.seed)
@@ -321,6 +330,8 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.P
         if leaked:
             log(f"warning: {len(leaked)} test images are exact or near copies of training/validation images; "
                 "test metrics are reported with and without them (audit.json lists them)")
+        if audit_report.source_mix and audit_report.source_mix.verdict != "none":
+            log(f"warning: {audit.source_mix_explanation(audit_report.source_mix)}")
     decoded = {s: data_mod.decode_samples(dataset[s], size, skip_bad=cfg.skip_bad_images) for s in data_mod.SPLITS}
     bad = [reason for d in decoded.values() for reason in d.bad]
     for reason in bad:
@@ -333,16 +344,18 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.P
         return {}
     model.cpu()
 
-    labels = {s: [sample.label for sample in decoded[s].samples] for s in data_mod.SPLITS}
+    reported = _reported_splits(decoded, dataset.holdout)
+    outputs = {"train": decoded["train"], **reported}
+    labels = {split: [sample.label for sample in d.samples] for split, d in outputs.items()}
     logits, features = {}, {}
-    for split in data_mod.SPLITS:
-        logits[split], features[split] = predict_outputs(model, decoded[split].images)
+    for split, d in outputs.items():
+        logits[split], features[split] = predict_outputs(model, d.images)
     _, outlier_features = predict_outputs(model, np.concatenate(list(ood.synthetic_outliers(size).values())))
     trust = fit_trust(logits, features, labels, dataset.classes, cfg, outlier_features)
     metrics: dict[str, Any] = {}
     plots = []
     probs = {}
-    for split in ("val", "test"):
+    for split in reported:
         probs[split] = evaluation.softmax(logits[split], trust["temperature"])
         metrics[split] = evaluation.compute_metrics(labels[split], probs[split], dataset.classes, n_boot=cfg.bootstrap, seed=cfg.seed)
         plots += evaluation.write_plots(run_dir, split, labels[split], probs[split], dataset.classes, metrics[split])
@@ -350,13 +363,15 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.P
     evaluation.plot_reliability(logits["test"], labels["test"], trust["temperature"], run_dir / "reliability_test.png",
                                 "Reliability (test)")
     plots.append("reliability_test.png")
+    if len(dataset.sources) > 1:
+        metrics["per_source"] = _per_source_metrics(reported, probs, dataset.classes, cfg)
     test_dedup = audit.metrics_without_leaks(
-        decoded["test"].samples, probs["test"], audit_report, n_boot=cfg.bootstrap, seed=cfg.seed
+        reported["test"].samples, probs["test"], audit_report, n_boot=cfg.bootstrap, seed=cfg.seed
     )
     if test_dedup:
         metrics["test_dedup"] = test_dedup
     metrics["test_masked"] = audit.masked_probe(
-        lambda images: predict_probs(model, images), decoded["test"].images[:], [s.label for s in decoded["test"].samples]
+        lambda images: predict_probs(model, images), reported["test"].images[:], [s.label for s in reported["test"].samples]
     )
     evaluation.plot_learning_curves(fit_result["history"], fit_result["best_epoch"], run_dir / "learning_curves.png")
     plots.append("learning_curves.png")
@@ -372,7 +387,10 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.P
             "near_duplicate_pairs": len(audit_report.near_pairs),
             "leaked_test_images": len(leaked),
             "metadata_probe": audit_report.probe.to_dict() if audit_report.probe else None,
+            "class_by_source": audit_report.source_mix.to_dict() if audit_report.source_mix else None,
         },
+        "sources": _source_info(dataset, decoded),
+        "holdout_source": dataset.holdout,
         "fingerprint": data_mod.fingerprint(
             {s: decoded[s].digests for s in data_mod.SPLITS}, dataset.classes, {s: decoded[s].samples for s in data_mod.SPLITS}
         ),
@@ -391,7 +409,7 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.P
         "data": data_info,
         "metrics": {
             split: {"accuracy": metrics[split]["accuracy"], "macro_auc": metrics[split]["macro_auc"], "n": metrics[split]["n"]}
-            for split in ("val", "test", "test_dedup") if split in metrics
+            for split in ("val", "test", "test_in_sources", "test_dedup") if split in metrics
         },
         **trust["config"],
     }
@@ -405,8 +423,9 @@ def train_run(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.P
     report = write_report(run_dir, config, metrics, fit_result, plots, audit_report)
     (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the run is complete; the bundle holds the result
     lines = evaluation.summary_lines(metrics["test"], "test")
-    if "test_dedup" in metrics:
-        lines += evaluation.summary_lines(metrics["test_dedup"], "test_dedup")
+    for split in ("test_in_sources", "test_dedup"):
+        if split in metrics:
+            lines += evaluation.summary_lines(metrics[split], split)
     for line in lines + [f"train_seconds={elapsed:.1f}"]:
         log(line)
     return {"run_dir": run_dir, "report": report, "metrics": metrics, "config": config}
@@ -428,7 +447,8 @@ def fit_trust(logits: dict[str, np.ndarray], features: dict[str, np.ndarray], la
     threshold = evaluation.referral_threshold(val_probs, labels["val"], covid, cfg.refer_sensitivity)
     referral: dict[str, Any] = {"threshold": round(threshold, 6), "target_covid_sensitivity": cfg.refer_sensitivity}
     ood_rates = {}
-    for split in ("val", "test"):
+    reported = [split for split in logits if split != "train"]
+    for split in reported:
         probs = evaluation.softmax(logits[split], temperature)
         flagged = guard.flags(guard.score(features[split]))
         refer = flagged | (probs.max(1) < threshold)
@@ -438,7 +458,7 @@ def fit_trust(logits: dict[str, np.ndarray], features: dict[str, np.ndarray], la
         "temperature": temperature,
         "guard": guard,
         "metrics": {
-            "calibration": evaluation.calibration_summary({s: logits[s] for s in ("val", "test")}, labels, temperature),
+            "calibration": evaluation.calibration_summary({s: logits[s] for s in reported}, labels, temperature),
             "ood": {**guard.config(), "flagged_rate": ood_rates,
                     "synthetic_outliers_flagged": round(float(guard.flags(guard.score(outlier_features)).mean()), 4)},
             "referral": referral,
@@ -450,6 +470,90 @@ def fit_trust(logits: dict[str, np.ndarray], features: dict[str, np.ndarray], la
                          "rule": "refer when out of distribution or calibrated confidence < threshold"},
         },
     }
+
+
+# --- several data sources ---------------------------------------------------------------------------
+
+
+def _sources_line(dataset: data_mod.Dataset) -> str:
+    if len(dataset.sources) == 1:
+        return ""
+    held = f"; held out for testing: {dataset.holdout}" if dataset.holdout else ""
+    return f"; sources {', '.join(s.name for s in dataset.sources)}{held}"
+
+
+def _reported_splits(decoded: dict[str, data_mod.Decoded], holdout: str | None) -> dict[str, data_mod.Decoded]:
+    """The splits metrics are reported on. With a held-out source, "test" is that source alone (none of
+    it was seen in training or model selection) and "test_in_sources" the test split of the sources
+    trained on: the gap between the two is what a new hospital should expect to lose."""
+    if not holdout:
+        return {"val": decoded["val"], "test": decoded["test"]}
+    test = decoded["test"].samples
+    held = [i for i, s in enumerate(test) if s.source == holdout]
+    rest = [i for i, s in enumerate(test) if s.source != holdout]
+    return {"val": decoded["val"], "test": decoded["test"].subset(held), "test_in_sources": decoded["test"].subset(rest)}
+
+
+def _per_source_metrics(
+    reported: dict[str, data_mod.Decoded], probs: dict[str, np.ndarray], classes: list[str], cfg: TrainConfig
+) -> dict[str, Any]:
+    """Metrics on each source's test images (a held-out source's: all its images)."""
+    splits = [s for s in ("test", "test_in_sources") if s in reported]
+    samples = [x for split in splits for x in reported[split].samples]
+    return evaluation.per_source_metrics(
+        [x.label for x in samples], np.concatenate([probs[split] for split in splits]), [x.source for x in samples],
+        classes, n_boot=cfg.bootstrap, seed=cfg.seed,
+    )
+
+
+def _source_info(dataset: data_mod.Dataset, decoded: dict[str, data_mod.Decoded]) -> dict[str, Any]:
+    """Per source: layout, splits carved, images used per split (what `bundle_dataset` checks against)."""
+    return {
+        s.name: {
+            "layout": s.layout, "carved_splits": list(s.carved),
+            "counts": {split: sum(x.source == s.name for x in decoded[split].samples) for split in data_mod.SPLITS},
+        }
+        for s in dataset.sources
+    }
+
+
+def _source_lines(d: dict[str, Any]) -> list[str]:
+    if len(d["sources"]) == 1:
+        return []
+    return ["- sources (each split on its own, then joined):"] + [
+        f"  - `{name}`: {s['layout']} layout, carved {', '.join(s['carved_splits']) or 'nothing'}; "
+        + ", ".join(f"{split} {n}" for split, n in s["counts"].items())
+        + (" — **held out**: never trained on, all its images are the test split" if name == d["holdout_source"] else "")
+        for name, s in d["sources"].items()
+    ]
+
+
+def _sources_section(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+    """The held-out source against the training sources' own test split, and every source's results."""
+    if "per_source" not in metrics:
+        return []
+    holdout = config["data"]["holdout_source"]
+    lines = []
+    if holdout:
+        lines += [
+            "## Test results on the training sources' own test split (in-distribution)",
+            "",
+            f"The test results above are on `{holdout}`, a source the model never saw. These are on the test split of "
+            "the sources it was trained on; the gap between the two is what a new hospital should expect to lose.",
+            "",
+            evaluation.metrics_table(metrics["test_in_sources"]),
+            "",
+        ]
+    return lines + [
+        "## Per-source results",
+        "",
+        "Each source's test images" + (f" (all images of the held-out `{holdout}`)" if holdout else "")
+        + "; with few images per source the confidence intervals are wide. A source far below the others is one "
+        "this model does not carry over to.",
+        "",
+        evaluation.per_source_table(metrics["per_source"], holdout),
+        "",
+    ]
 
 
 def write_report(
@@ -466,19 +570,21 @@ def write_report(
         "",
         "## Data",
         f"- layout: {d['layout']}; images used: " + ", ".join(f"{s} {n}" for s, n in d["counts"].items()),
+        *_source_lines(d),
         f"- splits carved by covid-xray (stratified, split seed {hp['split_seed']}): {', '.join(d['carved_splits']) or 'none'}; "
         "the exact split of every file is in `splits.csv`",
         "- the **test split was used for nothing but this evaluation**: early stopping and model selection used validation only",
         f"- unreadable images skipped: {len(d['skipped_images'])}" + "".join(f"\n  - {r}" for r in d["skipped_images"]),
         f"- data fingerprint: `{d['fingerprint'][:16]}…`",
         "",
-        "## Test results",
+        "## Test results" + (f": held-out source `{d['holdout_source']}`, all its images" if d["holdout_source"] else ""),
         evaluation.metrics_table(metrics["test"]),
         "",
         evaluation.confusion_table(metrics["test"], classes),
         "",
         "![confusion](confusion_test.png) ![roc](roc_test.png)",
         "",
+        *_sources_section(config, metrics),
         *_dedup_section(metrics, classes),
         model_card.trust_section(metrics, "##"),
         "",

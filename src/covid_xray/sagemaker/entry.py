@@ -2,7 +2,8 @@
 `train.py` that the launcher puts at the root of `source_dir`.
 
 It speaks the contract of AWS's PyTorch training container: hyperparameters arrive as
-`--name value` arguments, data in `SM_CHANNEL_TRAIN` (and `SM_CHANNEL_TEST`), the bundle goes to
+`--name value` arguments, data in `SM_CHANNEL_TRAIN` (and `SM_CHANNEL_TEST`; any other channel is
+one more data source, named after the channel, as `--data NAME=PATH` is), the bundle goes to
 `SM_MODEL_DIR` with a `code/` folder that lets the PyTorch serving container load it as it is,
 reports and plots go to `SM_OUTPUT_DATA_DIR`, and metrics are printed as `name=value` lines that
 `metric_definitions()` matches. The same code runs in the container, in SageMaker local mode and
@@ -58,6 +59,7 @@ class SageMakerEnv:
 
     train: str | None
     test: str | None
+    sources: dict[str, str]  # channels other than train and test: further data sources, by channel name
     model_dir: str
     output_data_dir: str
     hosts: tuple[str, ...]
@@ -72,9 +74,11 @@ class SageMakerEnv:
         current = environ.get("SM_CURRENT_HOST", hosts[0])
         if current not in hosts:
             raise CovidXrayError(f"SM_CURRENT_HOST {current!r} is not one of SM_HOSTS {list(hosts)}")
+        channels = [c for c in json.loads(environ.get("SM_CHANNELS", "[]")) if c not in ("train", "test")]
         return cls(
             train=environ.get("SM_CHANNEL_TRAIN"),
             test=environ.get("SM_CHANNEL_TEST"),
+            sources={c: environ[f"SM_CHANNEL_{c.upper()}"] for c in channels if f"SM_CHANNEL_{c.upper()}" in environ},
             model_dir=environ.get("SM_MODEL_DIR", "/opt/ml/model"),
             output_data_dir=environ.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data"),
             hosts=hosts,
@@ -112,6 +116,7 @@ def build_parser(env: SageMakerEnv) -> argparse.ArgumentParser:
     )
     parser.add_argument("--train", default=env.train, help="training data (default: $SM_CHANNEL_TRAIN)")
     parser.add_argument("--test", default=env.test, help="test data (default: $SM_CHANNEL_TEST)")
+    parser.set_defaults(sources=env.sources)
     parser.add_argument(
         "--model-dir", "--model_dir", default=env.model_dir, help="where the bundle goes ($SM_MODEL_DIR)"
     )
@@ -270,12 +275,14 @@ def publish_model(bundle: Path, model_dir: Path) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
+    from ..data import Source
     from ..training import TrainConfig, train_run
 
     cfg = TrainConfig(**{name: getattr(args, name) for name in _hyperparameter_fields()})
     out = Path(args.output_data_dir)
     with dataset_view(args.train, args.test) as data:
-        result = train_run(cfg, data, out, log=lambda message: print(message, flush=True))
+        sources = [Source("train", data)] + [Source(name, Path(path)) for name, path in args.sources.items()]
+        result = train_run(cfg, sources, out, log=lambda message: print(message, flush=True))
     if result:  # empty on the ranks of a distributed job that do not write
         publish_model(out / "model", Path(args.model_dir))
         print(f"model: {args.model_dir}", flush=True)
