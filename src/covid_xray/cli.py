@@ -193,6 +193,34 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .explain import gradcam, overlay
+    from .inference import Predictor
+
+    # PyTorch for the probabilities too: the printed probability is then the explained model's own.
+    predictor = Predictor.from_bundle(args.bundle, backend="torch")
+    if args.class_name is not None and args.class_name not in predictor.classes:
+        raise CovidXrayError(f"unknown class {args.class_name!r}; this bundle's classes are: {', '.join(predictor.classes)}")
+    image = predictor.preprocess(args.image)
+    probs = predictor.probabilities(np.stack([image]))[0]
+    predicted = int(probs.argmax())
+    target = predicted if args.class_name is None else predictor.classes.index(args.class_name)
+    picture = overlay(image, gradcam(predictor.model, image, target))
+    out = Path(args.out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # never leave a half-written PNG under the real name
+    try:
+        picture.save(tmp, format="PNG")
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CovidXrayError(f"cannot write {out}: {e.strerror or e}") from None
+    print(f"predicted: {predictor.classes[predicted]} (probability {probs[predicted]:.4f})")
+    print(f"heatmap: {out} (class {predictor.classes[target]}, probability {probs[target]:.4f})")
+    return 0
+
+
 def _sagemaker_train(args: argparse.Namespace) -> int:
     from .sagemaker import entry, launcher
 
@@ -391,6 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", help=BACKEND_HELP)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("explain", help="Grad-CAM: write the X-ray with a heatmap of where the model looked")
+    p.add_argument("bundle")
+    p.add_argument("image")
+    p.add_argument("-o", "--out", required=True, help="PNG file to write: the X-ray as the model saw it, heatmap overlaid")
+    p.add_argument("--class", dest="class_name", metavar="NAME", help="class to explain (default: the predicted one)")
+    p.set_defaults(func=_explain)
 
     _add_sagemaker(sub)
     return parser

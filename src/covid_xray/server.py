@@ -4,13 +4,15 @@ One model instance per process sits behind a `Batcher`: a bounded queue drained 
 thread, which groups concurrent requests into micro-batches. Requests are decoded in a small
 thread pool while the model runs, so decoding and inference overlap. Everything a client can
 send wrong becomes a JSON error with a 4xx status (`protocol.RequestError`); nothing a client
-sends can stop the server, and tracebacks go to the log, never to the client.
+sends can stop the server, and tracebacks go to the log, never to the client. Heatmaps
+(`?heatmap=true`) are computed after the prediction, on a thread and a model copy of their own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import json
 import logging
 import os
@@ -32,13 +34,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from . import protocol
+from .errors import ModelError
 from .protocol import RequestError
 
 if TYPE_CHECKING:
     from .inference import Predictor
+    from .models import XrayNet
 
 log = logging.getLogger("covid_xray.server")
 SETTINGS_ENV = "COVID_XRAY_SERVE"  # how `serve --workers N` hands settings to each worker process
+BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 
 def _cpus() -> int:
@@ -213,6 +218,7 @@ class ModelState:
         self.batcher: Batcher | None = None
         self.identity: dict[str, Any] | None = None
         self.error: str | None = None
+        self._explain_model: XrayNet | None = None  # touched only by the one explain thread
 
     @property
     def ready(self) -> bool:
@@ -239,6 +245,18 @@ class ModelState:
         ).start()
         log.info("model ready: %s (%s)", self.identity["backbone"], self.identity["fingerprint"])
 
+    def heatmaps(self, images: np.ndarray, class_indices: np.ndarray) -> list[str]:
+        """Grad-CAM of each image for its class, as base64 PNGs. Runs on the one explain thread."""
+        from .explain import gradcam, heatmap_png_b64
+
+        if self._explain_model is None:
+            # Grad-CAM hooks the model it explains, and those hooks would also catch the batcher's
+            # forward passes: with the torch backend (the batcher runs this very model) it gets a copy.
+            model = self.predictor.model
+            self._explain_model = copy.deepcopy(model) if self.predictor.onnx is None else model
+        return [heatmap_png_b64(gradcam(self._explain_model, image, int(c)))
+                for image, c in zip(images, class_indices)]
+
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.close()
@@ -262,6 +280,19 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 def _page() -> str:
     return files("covid_xray").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+def _wants_heatmap(request: Request) -> bool:
+    """`?heatmap=true` or `X-Heatmap: true` (also 1, false, 0); any other value is a 400."""
+    wanted = False
+    for source, value in (("query parameter heatmap", request.query_params.get("heatmap")),
+                          ("header X-Heatmap", request.headers.get("x-heatmap"))):
+        if value is not None:
+            flag = BOOLEANS.get(value.strip().lower())
+            if flag is None:
+                raise RequestError(400, f"{source} must be true or false, not {value!r}")
+            wanted |= flag
+    return wanted
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -291,6 +322,9 @@ def create_app(bundle_path: str | os.PathLike, settings: ServerSettings | None =
     bundle = Path(bundle_path)
     state = ModelState()
     decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="covid-xray-decode")
+    # One thread computes heatmaps, so the model Grad-CAM hooks is never used by two threads at once.
+    explain_pool = ThreadPoolExecutor(1, thread_name_prefix="covid-xray-explain",
+                                      initializer=partial(_set_torch_threads, settings.torch_threads))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -303,6 +337,7 @@ def create_app(bundle_path: str | os.PathLike, settings: ServerSettings | None =
         finally:
             state.close()
             decode_pool.shutdown(wait=False, cancel_futures=True)
+            explain_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="covid-xray", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.model = state
@@ -342,16 +377,28 @@ def create_app(bundle_path: str | os.PathLike, settings: ServerSettings | None =
     @app.post("/invocations")
     async def invocations(request: Request) -> Response:
         protocol.negotiate(request.headers.get("accept"))
+        heatmap = _wants_heatmap(request)
         if not state.ready:
             raise RequestError(503, "model is still loading; poll GET /ping until it answers 200")
         content_type = request.headers.get("content-type")
         protocol.check_content_type(content_type)  # refuse a wrong type (415) before reading the body
         body = await _read_body(request, settings.max_body_bytes)
+        loop = asyncio.get_running_loop()
         with state.batcher.admit():
-            images = await asyncio.get_running_loop().run_in_executor(decode_pool, _decode, body, content_type)
+            images = await loop.run_in_executor(decode_pool, _decode, body, content_type)
             futures = state.batcher.submit(images)
         scores = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-        return _json(protocol.build_response(state.predictor, scores, state.identity))
+        document = protocol.build_response(state.predictor, scores, state.identity)
+        if heatmap:
+            classes = [int(np.argmax(s.probabilities)) for s in scores]
+            try:
+                pngs = await loop.run_in_executor(explain_pool, state.heatmaps, images, classes)
+            except ModelError as e:  # a backbone Grad-CAM cannot explain: the predictions still stand
+                pngs = [None] * len(scores)
+                document["heatmap_error"] = str(e)
+            for prediction, png in zip(document["predictions"], pngs):
+                prediction["heatmap"] = png
+        return _json(document)
 
     def _decode(body: bytes, content_type: str | None) -> np.ndarray:
         payloads = protocol.decode_request(
