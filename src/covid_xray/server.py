@@ -32,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from threadpoolctl import threadpool_limits
 
 from . import protocol
 from .errors import ModelError
@@ -229,6 +230,9 @@ class ModelState:
 
         try:
             _set_torch_threads(settings.torch_threads)
+            # The server's own numpy work (the OOD guard's small matrix products) is a fraction of a
+            # millisecond; BLAS worker threads would only spin against the model for the cores.
+            threadpool_limits(1, user_api="blas")
             predictor = Predictor.from_bundle(bundle)
             # Warm up both shapes we will see most, so the first clients do not pay for setup.
             for n in sorted({1, settings.max_batch_size}):
