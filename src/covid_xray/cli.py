@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default: runs/<timestamp>)")
     p.add_argument("--backbone", default="tf_efficientnet_lite0", help="any timm model name")
     p.add_argument("--weights", default="imagenet", help="imagenet | none | path to a state dict")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="head learning rate (backbone gets 0.3×)")
     p.add_argument("--patience", type=int, default=6, help="early-stopping patience in epochs")
