@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 from conftest import encode, make_class_tree, xray_like
 
-from covid_xray.bundle import ONNX, ONNX_INT8, load_bundle
+from covid_xray.bundle import ONNX, ONNX_INT8
 from covid_xray.errors import ModelError
 from covid_xray.inference import BACKEND_ENV, Predictor
-from covid_xray.models import predict_probs
 
 CLASSES = ("Covid", "Normal", "Viral Pneumonia")
 
@@ -156,10 +155,13 @@ def test_split(trained_exported, dataset_dir):
 @pytest.mark.slow
 def test_fp32_onnx_matches_pytorch_on_the_test_images(trained_exported, test_split):
     images, _ = test_split
-    model, _ = load_bundle(trained_exported)
-    onnx = Predictor.from_bundle(trained_exported, backend="onnx").probabilities(images)
+    onnx = Predictor.from_bundle(trained_exported, backend="onnx")
+    torch_backend = Predictor.from_bundle(trained_exported, backend="torch")
     assert len(images) == 66
-    np.testing.assert_allclose(onnx, predict_probs(model, images), atol=1e-4)
+    np.testing.assert_allclose(onnx.probabilities(images), torch_backend.probabilities(images), atol=1e-4)
+    # The OOD guard reads the graph's feature output: same scores as from PyTorch's features.
+    np.testing.assert_allclose([s.ood_score for s in onnx.score(images)],
+                               [s.ood_score for s in torch_backend.score(images)], atol=1e-4)
 
 
 @pytest.mark.slow

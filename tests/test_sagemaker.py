@@ -69,7 +69,8 @@ def container_run(channels, tmp_path_factory) -> dict:
 def test_entry_point_writes_the_bundle_with_serving_code_and_reports_apart(container_run):
     model, output = container_run["model"], container_run["output"]
     # model.onnx: train adds the ONNX graph when the onnx extra is installed (it is, for the tests).
-    assert {p.name for p in model.iterdir()} == {"model.safetensors", "model.onnx", "config.json", "code"}
+    assert {p.name for p in model.iterdir()} == {"model.safetensors", "model.onnx", "ood.safetensors", "MODEL_CARD.md",
+                                                 "config.json", "code"}
     code = model / "code"
     assert (code / "inference.py").is_file() and (code / "covid_xray" / "sagemaker" / "handlers.py").is_file()
     assert not list(code.rglob("__pycache__"))
@@ -405,7 +406,8 @@ def test_cli_train_deploy_predict_cleanup(channels, tmp_path):
         ours = json.loads(tar.extractfile("config.json").read())
     theirs = json.loads((plain / "model" / "config.json").read_text())
     assert set(ours) == set(theirs) and ours["format_version"] == theirs["format_version"]
-    assert ours["files"].keys() == theirs["files"].keys() == {"model.safetensors", "model.onnx"}
+    assert ours["files"].keys() == theirs["files"].keys() == {"model.safetensors", "model.onnx", "ood.safetensors",
+                                                              "MODEL_CARD.md"}
     assert {n for n in names if "/" not in n} - {"code"} == {p.name for p in (plain / "model").iterdir()}
 
     run_cli("sagemaker", "deploy", "--job-dir", str(job_dir))
