@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from _serving import ServeProcess
 from conftest import encode, xray_like
+from PIL import Image
 
 from covid_xray.inference import Predictor
 
@@ -149,6 +150,27 @@ def test_page_upload_shows_the_predicted_label(page, predictor, tmp_path):
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     box = page.locator("#result-label").bounding_box()
     assert box and box["y"] + box["height"] <= 768
+
+
+def test_page_overlays_the_heatmap_with_a_toggle_and_warns_about_a_non_xray(page, tmp_path):
+    film = tmp_path / "chest.png"
+    film.write_bytes(encode(xray_like(400, seed=44), "PNG"))
+    page.set_input_files("#file-input", str(film))
+    page.wait_for_selector("#heatmap", state="visible")
+    heat, preview = page.locator("#heatmap").bounding_box(), page.locator("#preview").bounding_box()
+    for key in ("x", "y", "width", "height"):  # drawn exactly over the X-ray
+        assert heat[key] == pytest.approx(preview[key], abs=2)
+    assert "not look like a chest X-ray" not in page.text_content("#flags")
+    page.click("#show-heatmap")
+    assert page.is_hidden("#heatmap")
+    page.click("#show-heatmap")
+    page.wait_for_selector("#heatmap", state="visible")
+
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 300), dtype=np.uint8)).save(noise)
+    page.set_input_files("#file-input", str(noise))
+    page.wait_for_function("document.getElementById('flags').textContent.includes('not look like a chest X-ray')")
+    assert "refer the image to a radiologist" in page.text_content("#flags")
 
 
 def test_page_drop_and_error_message(page, predictor):

@@ -145,10 +145,10 @@ def _print_table(rows: list[dict], classes: list[str]) -> None:
         if "error" in r:
             print(f"{r['path']:<{width}}  error: {r['error']}")
             continue
-        flags = [text for key, text in (("ood", "NOT A CHEST X-RAY? (out of distribution)"),
-                                        ("refer", "REFER: low confidence")) if r.get(key)]
+        flags = ("NOT A CHEST X-RAY? (out of distribution): REFER" if r.get("ood")
+                 else "REFER: low confidence" if r.get("refer") else "")
         print(f"{r['path']:<{width}}  {r['label']:<16}  " + "  ".join(f"{r['probabilities'][c]:>16.4f}" for c in classes)
-              + "  " + "; ".join(flags))
+              + "  " + flags)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import audit, evaluation
+from . import __version__, audit, evaluation
 
 FILE = "MODEL_CARD.md"
 
@@ -81,7 +81,7 @@ def render(config: dict[str, Any], metrics: dict[str, Any], audit_report: audit.
         "## Model",
         "",
         f"- backbone `{config['backbone']}` (timm), weights `{hp['weights']}`, fine-tuned on "
-        f"{config['input_size']}×{config['input_size']} grayscale input; package version {config.get('package_version', 'n/a')}",
+        f"{config['input_size']}×{config['input_size']} grayscale input; covid-xray {__version__}",
         f"- training: {config['training']['epochs_run']} epochs, selected epoch {config['training']['best_epoch']} by "
         f"validation loss, seed {hp['seed']}",
         "",
