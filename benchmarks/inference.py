@@ -30,6 +30,7 @@ from PIL import Image
 from covid_xray.bundle import read_config
 from covid_xray.data import DATA_ENV_VAR, discover
 from covid_xray.export import export_bundle
+from covid_xray.evaluation import softmax
 from covid_xray.inference import Predictor
 
 
@@ -128,7 +129,7 @@ def quality_rows(predictors: dict, images: np.ndarray, labels: np.ndarray) -> li
     if "onnx-int8" in predictors:
         onnx = predictors["onnx-int8"].onnx
         onnx_margin, onnx.margin = onnx.margin, 0.0  # margin 0: nothing is re-scored
-        outputs["onnx-int8 without fallback"] = onnx(images)
+        outputs["onnx-int8 without fallback"] = softmax(onnx(images)[0], predictors["onnx-int8"].temperature)
         onnx.margin = onnx_margin
     return [
         {"backend": name, "accuracy": f"{(p.argmax(1) == labels).mean():.4f}",

@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="head learning rate (backbone gets 0.3×)")
     p.add_argument("--patience", type=int, default=6, help="early-stopping patience in epochs")
-    p.add_argument("--image-size", type=int, help="input size (default: the backbone's)")
+    p.add_argument("--image-size", type=int, help="input size (default: the backbone's pretraining size, at least 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, default=0, help="seed for carving validation/test splits")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable files (counted in the report)")
