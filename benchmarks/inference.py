@@ -29,8 +29,8 @@ from PIL import Image
 
 from covid_xray.bundle import read_config
 from covid_xray.data import DATA_ENV_VAR, discover
-from covid_xray.export import export_bundle
 from covid_xray.evaluation import softmax
+from covid_xray.export import export_bundle
 from covid_xray.inference import Predictor
 
 
