@@ -88,3 +88,15 @@ def test_guard_passes_the_test_xrays_and_a_chest_film_from_another_scanner(predi
     # NEMA WG04 RG1: a computed-radiography chest film from another hospital, as DICOM.
     other = predictor.preprocess(get_testdata_file("RG1_UNCI.dcm"))
     assert predictor.result(predictor.score(other[None])[0])["ood"] is False
+
+
+def test_a_blank_image_scores_the_maximum_whatever_its_features():
+    from covid_xray.ood import MAX_SCORE
+
+    guard = OODGuard.fit(clusters(50, 0), clusters(10, 1))
+    familiar = clusters(2, 2)
+    images = np.stack([np.full((32, 32), 128, np.uint8),  # solid grey: nothing to compare
+                       np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)])
+    scores = guard.score(familiar, images)
+    assert scores[0] == MAX_SCORE and guard.flags(scores)[0]
+    assert scores[1] == guard.score(familiar)[1] and not guard.flags(scores)[1]

@@ -172,7 +172,7 @@ class Predictor:
         probs = softmax(logits, self.temperature)
         if self.guard is None:
             return [Scores(p, None) for p in probs]
-        return [Scores(p, float(s)) for p, s in zip(probs, self.guard.score(features))]
+        return [Scores(p, float(s)) for p, s in zip(probs, self.guard.score(features, images))]
 
     def result(self, scores: Scores) -> dict[str, Any]:
         """The JSON-ready prediction: label, probabilities, and the flags a clinician must see.

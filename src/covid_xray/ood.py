@@ -21,6 +21,11 @@ K = 5
 # images, so its top score underestimates how far genuine X-rays (another scanner, another
 # hospital) can lie; non-X-rays score several times higher.
 MARGIN = 1.25
+# A blank or nearly uniform image (a failed export, a solid colour) carries nothing to compare, yet its
+# features can land among the X-rays'; below this pixel standard deviation (of 255 grey levels) it gets
+# the largest possible score. Real films, even flat ones, are far above it.
+BLANK_STD = 4.0
+MAX_SCORE = 2.0
 
 
 def _normalise(features: np.ndarray) -> np.ndarray:
@@ -43,11 +48,14 @@ class OODGuard:
         guard.threshold = float(guard.score(val_features).max() * margin) if len(val_features) else float("inf")
         return guard
 
-    def score(self, features: np.ndarray) -> np.ndarray:
-        """Cosine distance to the k-th nearest training image: ~0 for familiar images, up to 2."""
+    def score(self, features: np.ndarray, images: np.ndarray | None = None) -> np.ndarray:
+        """Cosine distance to the k-th nearest training image: ~0 for familiar images, up to 2.
+        With the images (uint8 N×H×W) the features came from, blank ones score 2."""
         similarity = _normalise(features) @ self.bank.T
-        kth = np.partition(similarity, -self.k, axis=1)[:, -self.k]
-        return (1.0 - kth).astype(np.float32)
+        distance = (1.0 - np.partition(similarity, -self.k, axis=1)[:, -self.k]).astype(np.float32)
+        if images is not None and len(images):
+            distance[np.asarray(images).reshape(len(images), -1).std(axis=1) < BLANK_STD] = MAX_SCORE
+        return distance
 
     def flags(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores) > self.threshold

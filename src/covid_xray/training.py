@@ -353,8 +353,8 @@ def train_run(
     logits, features = {}, {}
     for split, d in outputs.items():
         logits[split], features[split] = predict_outputs(model, d.images)
-    _, outlier_features = predict_outputs(model, np.concatenate(list(ood.synthetic_outliers(size).values())))
-    trust = fit_trust(logits, features, labels, dataset.classes, cfg, outlier_features)
+    outliers = np.concatenate(list(ood.synthetic_outliers(size).values()))
+    trust = fit_trust(logits, features, labels, dataset.classes, cfg, (outliers, predict_outputs(model, outliers)[1]))
     metrics: dict[str, Any] = {}
     plots = []
     probs = {}
@@ -439,7 +439,7 @@ def covid_index(classes: list[str]) -> int | None:
 
 
 def fit_trust(logits: dict[str, np.ndarray], features: dict[str, np.ndarray], labels: dict[str, list[int]],
-              classes: list[str], cfg: TrainConfig, outlier_features: np.ndarray) -> dict[str, Any]:
+              classes: list[str], cfg: TrainConfig, outliers: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
     """Temperature, OOD guard and referral threshold, each fitted on training/validation outputs only;
     how they do on test (and the guard on synthetic non-X-rays) is measured and reported, never used
     to choose them."""
@@ -463,7 +463,7 @@ def fit_trust(logits: dict[str, np.ndarray], features: dict[str, np.ndarray], la
         "metrics": {
             "calibration": evaluation.calibration_summary({s: logits[s] for s in reported}, labels, temperature),
             "ood": {**guard.config(), "flagged_rate": ood_rates,
-                    "synthetic_outliers_flagged": round(float(guard.flags(guard.score(outlier_features)).mean()), 4)},
+                    "synthetic_outliers_flagged": round(float(guard.flags(guard.score(outliers[1], outliers[0])).mean()), 4)},
             "referral": referral,
         },
         "config": {
