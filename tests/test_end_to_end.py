@@ -11,7 +11,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_short_training_reaches_90_percent_on_the_test_split(trained_run):
+def test_default_training_reaches_90_percent_on_the_test_split(trained_run):
     test = trained_run["metrics"]["test"]
     assert test["n"] == 66
     assert test["accuracy"] >= 0.90, test
