@@ -148,15 +148,20 @@ def fit_temperature(logits: np.ndarray, labels, prior_sd: float = TEMPERATURE_PR
     return float(np.exp(minimize_scalar(nll, bounds=(lo, hi), method="bounded").x))
 
 
-def expected_calibration_error(probs: np.ndarray, labels, bins: int = 10) -> float:
-    """Mean |accuracy − confidence| over equal-width confidence bins, weighted by bin size."""
+def reliability_bins(probs: np.ndarray, labels, bins: int = 10) -> list[tuple[float, float, float]]:
+    """Per non-empty equal-width confidence bin: (mean confidence, accuracy, share of the images)."""
     probs, y = np.asarray(probs), np.asarray(labels, int)
-    if not len(y):
-        return float("nan")
     confidence, correct = probs.max(1), probs.argmax(1) == y
     which = np.minimum((confidence * bins).astype(int), bins - 1)
-    return float(sum(abs(correct[which == b].mean() - confidence[which == b].mean()) * (which == b).mean()
-                     for b in range(bins) if (which == b).any()))
+    return [(float(confidence[which == b].mean()), float(correct[which == b].mean()), float((which == b).mean()))
+            for b in range(bins) if (which == b).any()]
+
+
+def expected_calibration_error(probs: np.ndarray, labels, bins: int = 10) -> float:
+    """Mean |accuracy − confidence| over equal-width confidence bins, weighted by bin size."""
+    if not len(labels):
+        return float("nan")
+    return float(sum(abs(accuracy - confidence) * share for confidence, accuracy, share in reliability_bins(probs, labels, bins)))
 
 
 def referral_threshold(probs: np.ndarray, labels, positive: int | None, target: float) -> float:
@@ -274,11 +279,8 @@ def plot_reliability(logits: np.ndarray, labels, temperature: float, path: Path,
     edges = np.linspace(0, 1, bins + 1)
     for t, name in ((1.0, "before"), (temperature, f"after (T = {temperature:.2f})")):
         probs = softmax(logits, t)
-        confidence, correct = probs.max(1), probs.argmax(1) == y
-        which = np.minimum((confidence * bins).astype(int), bins - 1)
-        used = [b for b in range(bins) if (which == b).any()]
-        ax.plot([confidence[which == b].mean() for b in used], [correct[which == b].mean() for b in used], "o-",
-                label=f"{name}, ECE {expected_calibration_error(probs, y, bins):.3f}")
+        confidence, accuracy, _ = zip(*reliability_bins(probs, y, bins))
+        ax.plot(confidence, accuracy, "o-", label=f"{name}, ECE {expected_calibration_error(probs, y, bins):.3f}")
     ax.set(xlabel="confidence", ylabel="accuracy", title=title, xlim=(edges[0], edges[-1]), ylim=(0, 1.02))
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
