@@ -8,6 +8,7 @@ import pytest
 from covid_xray.evaluation import (
     expected_calibration_error,
     fit_temperature,
+    refer,
     referral_summary,
     referral_threshold,
     softmax,
@@ -58,8 +59,7 @@ def test_referral_threshold_is_at_least_the_target_and_rises_to_catch_confident_
     miss = np.array([[0.99, 0.005, 0.005], [0.02, 0.97, 0.01]])
     threshold = referral_threshold(miss, [0, 0], positive=0, target=0.95)
     assert threshold > 0.97
-    refer = miss.max(1) < threshold
-    assert referral_summary(miss, [0, 0], refer, positive=0)["covid_sensitivity_with_referral"] == 1.0
+    assert referral_summary(miss, [0, 0], refer(miss, None, threshold), positive=0)["covid_sensitivity_with_referral"] == 1.0
 
 
 def test_referral_summary_counts_referred_and_the_accuracy_of_the_rest():
@@ -67,3 +67,10 @@ def test_referral_summary_counts_referred_and_the_accuracy_of_the_rest():
     y = [0, 1, 1, 0]
     summary = referral_summary(probs, y, np.array([False, False, True, True]), positive=0)
     assert summary == {"n": 4, "referred_rate": 0.5, "accuracy_not_referred": 1.0, "covid_sensitivity_with_referral": 1.0}
+
+
+def test_refer_when_out_of_distribution_or_below_the_threshold():
+    probs = np.array([[0.99, 0.005, 0.005], [0.6, 0.3, 0.1], [0.98, 0.01, 0.01]])
+    assert refer(probs, None, 0.95).tolist() == [False, True, False]
+    assert refer(probs, [False, False, True], 0.95).tolist() == [False, True, True]
+    assert not refer(probs, [False, False, False], 0.0).any()

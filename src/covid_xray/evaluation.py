@@ -180,15 +180,23 @@ def referral_threshold(probs: np.ndarray, labels, positive: int | None, target: 
     return float(np.nextafter(confidence.max(), 2.0))  # refer everything: no threshold reaches the target
 
 
-def referral_summary(probs: np.ndarray, labels, refer: np.ndarray, positive: int | None) -> dict[str, Any]:
+def refer(probs: np.ndarray, ood_flags: np.ndarray | None, threshold: float) -> np.ndarray:
+    """The referral rule: refer an image to a radiologist when it is out of distribution or its
+    calibrated confidence is below `threshold`. probs N×C; ood_flags N bools (None: no guard)."""
+    probs = np.asarray(probs)
+    low = probs.max(1) < threshold
+    return low if ood_flags is None else low | np.asarray(ood_flags, bool)
+
+
+def referral_summary(probs: np.ndarray, labels, referred: np.ndarray, positive: int | None) -> dict[str, Any]:
     """How the referral rule did: share referred, accuracy on the rest, and the `positive` class's
     sensitivity when a referred image counts as caught (a radiologist looks at it)."""
-    y, refer = np.asarray(labels, int), np.asarray(refer, bool)
+    y, referred = np.asarray(labels, int), np.asarray(referred, bool)
     correct = probs.argmax(1) == y
-    summary = {"n": int(len(y)), "referred_rate": round(float(refer.mean()), 4) if len(y) else None,
-               "accuracy_not_referred": round(float(correct[~refer].mean()), 4) if (~refer).any() else None}
+    summary = {"n": int(len(y)), "referred_rate": round(float(referred.mean()), 4) if len(y) else None,
+               "accuracy_not_referred": round(float(correct[~referred].mean()), 4) if (~referred).any() else None}
     if positive is not None and (y == positive).any():
-        caught = (probs.argmax(1) == positive) | refer
+        caught = (probs.argmax(1) == positive) | referred
         summary["covid_sensitivity_with_referral"] = round(float(caught[y == positive].mean()), 4)
     return summary
 

@@ -23,7 +23,7 @@ from . import ood
 from .bundle import ONNX, ONNX_INT8, read_config, verify_file
 from .data import load_image
 from .errors import ModelError
-from .evaluation import softmax
+from .evaluation import refer, softmax
 
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 # Lets `serve` and the SageMaker handlers, which load a bundle without options, pick a backend.
@@ -187,7 +187,7 @@ class Predictor:
             "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, probs)},
             "ood": ood_flag,
             "ood_score": None if scores.ood_score is None else round(scores.ood_score, 4),
-            "refer": bool(ood_flag) or float(probs.max()) < self.refer_below,
+            "refer": bool(refer(probs[None], None if ood_flag is None else [ood_flag], self.refer_below)[0]),
         }
 
     def predict(self, sources: list[str | os.PathLike | bytes]) -> list[dict[str, Any]]:

@@ -354,7 +354,8 @@ def train_run(
     for split, d in outputs.items():
         logits[split], features[split] = predict_outputs(model, d.images)
     outliers = np.concatenate(list(ood.synthetic_outliers(size).values()))
-    trust = fit_trust(logits, features, labels, dataset.classes, cfg, (outliers, predict_outputs(model, outliers)[1]))
+    trust = fit_trust(logits, features, {split: d.images for split, d in outputs.items()}, labels, dataset.classes, cfg,
+                      (outliers, predict_outputs(model, outliers)[1]))
     metrics: dict[str, Any] = {}
     plots = []
     probs = {}
@@ -438,11 +439,12 @@ def covid_index(classes: list[str]) -> int | None:
     return next((i for i, c in enumerate(classes) if c.lower().startswith("covid")), None)
 
 
-def fit_trust(logits: dict[str, np.ndarray], features: dict[str, np.ndarray], labels: dict[str, list[int]],
-              classes: list[str], cfg: TrainConfig, outliers: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+def fit_trust(logits: dict[str, np.ndarray], features: dict[str, np.ndarray], images: dict[str, Any],
+              labels: dict[str, list[int]], classes: list[str], cfg: TrainConfig,
+              outliers: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
     """Temperature, OOD guard and referral threshold, each fitted on training/validation outputs only;
     how they do on test (and the guard on synthetic non-X-rays) is measured and reported, never used
-    to choose them."""
+    to choose them. Each split is scored as a prediction is: the guard sees its images and features."""
     temperature = round(evaluation.fit_temperature(logits["val"], labels["val"]), 6)
     guard = ood.OODGuard.fit(features["train"], features["val"])
     covid = covid_index(classes)
@@ -453,10 +455,10 @@ def fit_trust(logits: dict[str, np.ndarray], features: dict[str, np.ndarray], la
     reported = [split for split in logits if split != "train"]
     for split in reported:
         probs = evaluation.softmax(logits[split], temperature)
-        flagged = guard.flags(guard.score(features[split]))
-        refer = flagged | (probs.max(1) < threshold)
+        flagged = guard.flags(guard.score(features[split], images[split][:] if len(images[split]) else None))
         ood_rates[split] = round(float(flagged.mean()), 4) if len(flagged) else None
-        referral[split] = evaluation.referral_summary(probs, labels[split], refer, covid)
+        referral[split] = evaluation.referral_summary(
+            probs, labels[split], evaluation.refer(probs, flagged, threshold), covid)
     return {
         "temperature": temperature,
         "guard": guard,
