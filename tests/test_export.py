@@ -80,6 +80,29 @@ def test_backend_choice(exported, untrained_bundle, monkeypatch):
         Predictor.from_bundle(exported, backend="tensorrt")
 
 
+def intra_op_threads(session) -> int:
+    return session.get_session_options().intra_op_num_threads
+
+
+def test_onnx_sessions_get_the_cores_the_server_gives_each_worker(exported):
+    from covid_xray.inference import cpu_count
+    from covid_xray.server import ModelState, ServerSettings
+
+    default = Predictor.from_bundle(exported, backend="onnx-int8")
+    assert intra_op_threads(default.onnx.session) == intra_op_threads(default.onnx.fallback.session) == cpu_count()
+    assert intra_op_threads(Predictor.from_bundle(exported, backend="onnx", threads=1).onnx.session) == 1
+    # `serve --workers 2`: each process's model threads together use its share of the cores, not all of them.
+    settings = ServerSettings().for_processes(2)
+    state = ModelState()
+    state.load(exported, settings)
+    try:
+        assert state.ready, state.error
+        assert intra_op_threads(state.predictor.onnx.session) == settings.model_threads * settings.inference_threads
+        assert settings.model_threads * settings.inference_threads <= max(1, cpu_count() // 2)
+    finally:
+        state.close()
+
+
 def test_onnx_predictor_loads_torch_only_when_its_model_is_asked_for(exported):
     code = (
         "import sys; from covid_xray.inference import Predictor; import numpy as np; "

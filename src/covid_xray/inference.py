@@ -35,12 +35,13 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def onnx_session(path: Path):
+def onnx_session(path: Path, threads: int | None = None):
+    """A CPU session with `threads` intra-op threads (default: every usable core)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     # One request at a time uses every allowed core; a second (inter-op) pool would only compete with it.
-    options.intra_op_num_threads = cpu_count()
+    options.intra_op_num_threads = threads or cpu_count()
     options.inter_op_num_threads = 1
     # Idle workers sleep instead of spinning: when anything else wants a core (the server's decode
     # threads, another process), spinning workers halved throughput on 2 cores; sleeping costs
@@ -56,8 +57,8 @@ class OnnxModel:
     """Logits and features from an exported graph. With a `fallback`, images whose top-2 probability
     margin is below `margin` are re-scored by it: int8 error can flip only near-ties, and those are few."""
 
-    def __init__(self, path: Path, fallback: OnnxModel | None = None, margin: float = 0.0):
-        self.session = onnx_session(path)
+    def __init__(self, path: Path, fallback: OnnxModel | None = None, margin: float = 0.0, threads: int | None = None):
+        self.session = onnx_session(path, threads)
         self.input = self.session.get_inputs()[0].name
         self.shapes = [int(out.shape[1]) for out in self.session.get_outputs()]  # classes, feature size
         self.fallback, self.margin = fallback, margin
@@ -125,8 +126,9 @@ class Predictor:
         self.refer_below = float(config.get("referral", {}).get("threshold", 0.0))
 
     @classmethod
-    def from_bundle(cls, path: str | os.PathLike, backend: str | None = None) -> Predictor:
-        """backend: auto | torch | onnx | onnx-int8 (default: $COVID_XRAY_BACKEND, else auto)."""
+    def from_bundle(cls, path: str | os.PathLike, backend: str | None = None, threads: int | None = None) -> Predictor:
+        """backend: auto | torch | onnx | onnx-int8 (default: $COVID_XRAY_BACKEND, else auto).
+        threads: ONNX Runtime's intra-op threads (default: every usable core); PyTorch's are set per thread."""
         path = Path(path)
         config = read_config(path)
         backend = resolve_backend(backend, config, path)
@@ -135,10 +137,11 @@ class Predictor:
             from .bundle import load_bundle
 
             return cls(*load_bundle(path), bundle=path, guard=guard)
-        onnx = OnnxModel(verify_file(path, ONNX, config, recorded=True))
+        onnx = OnnxModel(verify_file(path, ONNX, config, recorded=True), threads=threads)
         if backend == "onnx-int8":
             margin = float(config.get("onnx", {}).get("int8", {}).get("fallback_margin", 0.0))
-            onnx = OnnxModel(verify_file(path, ONNX_INT8, config, recorded=True), fallback=onnx, margin=margin)
+            onnx = OnnxModel(verify_file(path, ONNX_INT8, config, recorded=True), fallback=onnx, margin=margin,
+                             threads=threads)
         return cls(None, config, onnx=onnx, bundle=path, backend=backend, guard=guard)
 
     @property

@@ -62,24 +62,26 @@ class ServerSettings:
     # Threads that run the (one, shared) model on batches. On CPU a small CNN gains little from
     # batching or from intra-op threads, but two single-threaded forward passes use two cores fully.
     inference_threads: int = min(2, _cpus())
-    torch_threads: int | None = None  # intra-op threads per inference thread; None leaves torch's setting
+    # Intra-op threads per inference thread (PyTorch and ONNX Runtime); None: PyTorch keeps its setting
+    # and ONNX Runtime uses every usable core.
+    model_threads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "queue_size", "max_body_bytes", "max_instances", "decode_threads",
-                     "inference_threads", "torch_threads"):
+                     "inference_threads", "model_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_wait_ms < 0:
             raise ValueError("max_wait_ms must be >= 0")
 
     def for_processes(self, workers: int, inference_threads: int | None = None) -> ServerSettings:
-        """Share the cores among `workers` processes: inference threads (unless given) and torch
+        """Share the cores among `workers` processes: inference threads (unless given) and model
         threads (unless set) are sized so that all model threads together use each core once."""
         if workers < 1:
             raise ValueError("workers must be at least 1")
         threads = inference_threads or max(1, min(2, _cpus() // workers))
-        torch_threads = self.torch_threads or max(1, _cpus() // (workers * threads))
-        return replace(self, inference_threads=threads, torch_threads=torch_threads)
+        model_threads = self.model_threads or max(1, _cpus() // (workers * threads))
+        return replace(self, inference_threads=threads, model_threads=model_threads)
 
 
 class QueueFull(RequestError):
@@ -229,11 +231,13 @@ class ModelState:
         from .inference import Predictor
 
         try:
-            _set_torch_threads(settings.torch_threads)
+            _set_torch_threads(settings.model_threads)
             # The server's own numpy work (the OOD guard's small matrix products) is a fraction of a
             # millisecond; BLAS worker threads would only spin against the model for the cores.
             threadpool_limits(1, user_api="blas")
-            predictor = Predictor.from_bundle(bundle)
+            # ONNX Runtime's intra-op pool belongs to the session, which the inference threads share.
+            threads = settings.model_threads and settings.model_threads * settings.inference_threads
+            predictor = Predictor.from_bundle(bundle, threads=threads)
             # Warm up both shapes we will see most, so the first clients do not pay for setup.
             for n in sorted({1, settings.max_batch_size}):
                 predictor.score(np.zeros((n, predictor.size, predictor.size), np.uint8))
@@ -245,7 +249,7 @@ class ModelState:
         self.batcher = Batcher(
             predictor.score, max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000, queue_size=settings.queue_size,
-            threads=settings.inference_threads, initializer=partial(_set_torch_threads, settings.torch_threads),
+            threads=settings.inference_threads, initializer=partial(_set_torch_threads, settings.model_threads),
         ).start()
         log.info("model ready: %s (%s)", self.identity["backbone"], self.identity["fingerprint"])
 
@@ -328,7 +332,7 @@ def create_app(bundle_path: str | os.PathLike, settings: ServerSettings | None =
     decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="covid-xray-decode")
     # One thread computes heatmaps, so the model Grad-CAM hooks is never used by two threads at once.
     explain_pool = ThreadPoolExecutor(1, thread_name_prefix="covid-xray-explain",
-                                      initializer=partial(_set_torch_threads, settings.torch_threads))
+                                      initializer=partial(_set_torch_threads, settings.model_threads))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
