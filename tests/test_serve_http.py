@@ -104,6 +104,22 @@ def test_several_worker_processes(untrained_bundle):
     assert "Traceback" not in log, log
 
 
+def test_worker_processes_accept_connections_with_nagle_off():
+    # With Nagle on, each keep-alive request after the first waited ~40 ms for a delayed ACK.
+    import socket
+
+    import uvicorn
+
+    from covid_xray.server import bind_listener
+
+    listener = bind_listener(uvicorn.Config("covid_xray.server:app_from_env", host="127.0.0.1", port=0))
+    listener.listen()  # as the server does when it starts
+    with listener, socket.create_connection(listener.getsockname()[:2]):
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
 # --- the page in a real browser --------------------------------------------------------------
 
 

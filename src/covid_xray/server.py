@@ -16,6 +16,7 @@ import copy
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -426,6 +427,18 @@ def app_from_env() -> FastAPI:
     return create_app(spec["bundle"], ServerSettings(**spec["settings"]), load_in_background=False)
 
 
+def bind_listener(config) -> socket.socket:
+    """The listening socket `serve --workers N` shares among its workers, with Nagle off.
+
+    uvicorn binds it with proto 0, so asyncio does not turn Nagle off for the connections it accepts
+    (uvicorn issue #3149): every keep-alive request after the first then waited ~40 ms for a delayed
+    ACK. Accepted sockets inherit TCP_NODELAY from the listener."""
+    sock = config.bind_socket()
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 def serve(bundle: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8080, workers: int = 1,
           settings: ServerSettings | None = None, log_level: str = "info") -> None:
     """Run the endpoint under uvicorn until interrupted."""
@@ -433,8 +446,14 @@ def serve(bundle: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 808
 
     settings = settings or ServerSettings().for_processes(workers)
     if workers > 1:
+        from uvicorn.supervisors import Multiprocess
+
         os.environ[SETTINGS_ENV] = json.dumps({"bundle": str(Path(bundle).resolve()), "settings": asdict(settings)})
-        uvicorn.run("covid_xray.server:app_from_env", factory=True, host=host, port=port, workers=workers,
-                    log_level=log_level)
+        config = uvicorn.Config("covid_xray.server:app_from_env", factory=True, host=host, port=port,
+                                workers=workers, log_level=log_level)
+        try:
+            Multiprocess(config, sockets=[bind_listener(config)]).run()
+        except KeyboardInterrupt:
+            pass
     else:
         uvicorn.run(create_app(bundle, settings), host=host, port=port, log_level=log_level)
