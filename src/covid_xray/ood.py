@@ -9,6 +9,7 @@ even when the classifier is confident about it. The training features are stored
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,12 @@ def _normalise(features: np.ndarray) -> np.ndarray:
     return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
 
 
+def blank(images: Sequence[np.ndarray]) -> np.ndarray:
+    """Which images are blank (pixel standard deviation below BLANK_STD). `images`: uint8 N×H×W, or a
+    split's lazily loaded images, read one at a time so that a large split never sits in memory."""
+    return np.array([np.std(images[i]) < BLANK_STD for i in range(len(images))], bool)
+
+
 @dataclass
 class OODGuard:
     bank: np.ndarray  # M×D L2-normalised training features
@@ -48,13 +55,13 @@ class OODGuard:
         guard.threshold = float(guard.score(val_features).max() * margin) if len(val_features) else float("inf")
         return guard
 
-    def score(self, features: np.ndarray, images: np.ndarray | None = None) -> np.ndarray:
+    def score(self, features: np.ndarray, images: Sequence[np.ndarray] | None = None) -> np.ndarray:
         """Cosine distance to the k-th nearest training image: ~0 for familiar images, up to 2.
-        With the images (uint8 N×H×W) the features came from, blank ones score 2."""
+        With the images the features came from (see `blank`), blank ones score 2."""
         similarity = _normalise(features) @ self.bank.T
         distance = (1.0 - np.partition(similarity, -self.k, axis=1)[:, -self.k]).astype(np.float32)
-        if images is not None and len(images):
-            distance[np.asarray(images).reshape(len(images), -1).std(axis=1) < BLANK_STD] = MAX_SCORE
+        if images is not None:
+            distance[blank(images)] = MAX_SCORE
         return distance
 
     def flags(self, scores: np.ndarray) -> np.ndarray:

@@ -455,7 +455,7 @@ def fit_trust(logits: dict[str, np.ndarray], features: dict[str, np.ndarray], im
     reported = [split for split in logits if split != "train"]
     for split in reported:
         probs = evaluation.softmax(logits[split], temperature)
-        flagged = guard.flags(guard.score(features[split], images[split][:] if len(images[split]) else None))
+        flagged = guard.flags(guard.score(features[split], images[split]))
         ood_rates[split] = round(float(flagged.mean()), 4) if len(flagged) else None
         referral[split] = evaluation.referral_summary(
             probs, labels[split], evaluation.refer(probs, flagged, threshold), covid)
