@@ -28,6 +28,8 @@ def test_metrics_match_a_hand_computed_confusion_matrix():
     assert covid["precision"] == 0.75 and covid["f1"] == 0.75
     lo, hi = m["ci95"]["accuracy"]
     assert lo < 0.7 < hi
+    # 7 images at 0.8 on the true class, 3 at 0.1: the mean cross-entropy by hand.
+    assert m["log_loss"] == pytest.approx((7 * -np.log(0.8) + 3 * -np.log(0.1)) / 10, abs=1e-4)
 
 
 def test_perfect_predictions_and_intervals_contain_the_estimate():

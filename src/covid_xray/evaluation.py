@@ -53,7 +53,10 @@ def compute_metrics(
     y_true, probs, classes: list[str], *, n_boot: int = 1000, seed: int = 0
 ) -> dict[str, Any]:
     """Accuracy, per-class sensitivity/specificity/precision/F1/AUC, macro AUC and the confusion matrix,
-    with percentile 95% CIs from `n_boot` resamples of the images."""
+    with percentile 95% CIs from `n_boot` resamples of the images; and the log loss (cross-entropy), which
+    still separates two models when both get every image of a small split right."""
+    from sklearn.metrics import log_loss
+
     y, probs, k = np.asarray(y_true, dtype=int), np.asarray(probs, dtype=float), len(classes)
     point = _point_metrics(y, probs, k)
     rng = np.random.default_rng(seed)
@@ -80,6 +83,7 @@ def compute_metrics(
             c: {m: _num(point[m][i]) for m in PER_CLASS} for i, c in enumerate(classes)
         },
         "macro_auc": _num(point["macro_auc"]),
+        "log_loss": round(float(log_loss(y, probs / probs.sum(axis=1, keepdims=True), labels=range(k))), 4),
         "confusion_matrix": point["confusion_matrix"].tolist(),
         "ci95": {
             "accuracy": ci([b["accuracy"] for b in boots]),
