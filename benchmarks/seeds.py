@@ -1,6 +1,6 @@
 """Default training, several seeds: test accuracy, Covid sensitivity and wall time per run.
 
-    python benchmarks/seeds.py [--data DIR] [--seeds 0 1 2] [--out runs/seeds] [--train-args "--ema-epochs 0"]
+    python benchmarks/seeds.py [--data DIR] [--seeds 0 1 2] [--out runs/seeds] [--train-args "--image-size 288"]
 
 Each run is the real command, `covid-xray train --data DIR --out OUT/seedS --seed S`, timed from
 process start to exit. Test metrics are on the untouched test split, with and without the test

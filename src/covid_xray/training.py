@@ -43,7 +43,6 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
-    ema_epochs: float = 2.0  # horizon of the weight average validated and kept; 0 turns it off
     patience: int = 6
     seed: int = 0
     split_seed: int = 0
@@ -207,12 +206,8 @@ def fit(
     dist: Distributed = Distributed(),
     log=print,
 ) -> dict[str, Any]:
-    """Train with AdamW, warm-up + cosine, label smoothing and class weights; validate an exponential
-    moving average of the weights and keep the epoch whose average has the lowest validation loss;
-    checkpoint every epoch. Returns the history and best epoch.
-
-    The average is there because a few hundred images make single-epoch weights noisy: which epoch a
-    38-image validation split picks, and how good that epoch is, swung widely from seed to seed.
+    """Train with AdamW, warm-up + cosine, label smoothing and class weights; keep the epoch with
+    the lowest validation loss; checkpoint every epoch. Returns the history and best epoch.
 
     Under torchrun every rank trains on its share of each epoch (DistributedSampler, DDP) with the
     global batch size unchanged; validation covers the whole split on every rank, so all ranks make
@@ -239,7 +234,6 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.epochs * steps_per_epoch, max(1, int(cfg.warmup_epochs * steps_per_epoch)))
     )
-    ema = weight_average(model, cfg.ema_epochs * steps_per_epoch)
     dataset = data_mod.ImageTensors(train.images, train_labels, data_mod.augmentation(cfg.resolved_size()))
     sampler = torch.utils.data.DistributedSampler(dataset, dist.world, dist.rank, shuffle=True, seed=cfg.seed)
 
@@ -252,12 +246,10 @@ def fit(
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        ema.module.load_state_dict(saved["ema"])
         state = saved["state"]
         log(f"resuming after epoch {state['epoch']} from {checkpoint}")
     else:
         warm_up_head(model, train.images, train_labels, cfg, device, loss_fn)  # identical on every rank
-        ema.module.load_state_dict(model.state_dict())
     net = DistributedDataParallel(model) if dist.world > 1 else model
 
     epochs_without_improvement = state["epoch"] - state["best_epoch"]
@@ -281,16 +273,15 @@ def fit(
             loss.backward()
             optimizer.step()
             scheduler.step()
-            ema.update(model)
             total += loss.item() * len(y)
             seen += len(y)
-        probs = dist.gather_probs(ema.module, val.images)
+        probs = dist.gather_probs(model, val.images)
         val_loss = float(-np.log(np.clip(probs[np.arange(len(val_labels)), val_labels], 1e-7, 1)).mean())
         val_acc = float((probs.argmax(1) == val_labels).mean())
         state["history"].append({"epoch": epoch, "train_loss": total / seen, "val_loss": val_loss, "val_accuracy": val_acc})
         state["epoch"] = epoch
         if val_loss < state["best_val_loss"] - 1e-4:
-            state.update(best_epoch=epoch, best_val_loss=val_loss, best_state={k: v.detach().clone() for k, v in ema.module.state_dict().items()})
+            state.update(best_epoch=epoch, best_val_loss=val_loss, best_state={k: v.detach().clone() for k, v in model.state_dict().items()})
             epochs_without_improvement = 0
         else:
             epochs_without_improvement += 1
@@ -298,21 +289,13 @@ def fit(
         if dist.main:
             _save_atomic(
                 {"config": _resume_key(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "ema": ema.module.state_dict(), "state": state},
+                 "scheduler": scheduler.state_dict(), "state": state},
                 checkpoint,
             )
     bar.close()
     if state["best_state"] is not None:
         model.load_state_dict(state["best_state"])
     return {"history": state["history"], "best_epoch": state["best_epoch"], "best_val_loss": state["best_val_loss"]}
-
-
-def weight_average(model: nn.Module, horizon_steps: float):
-    """An exponential moving average of the weights over about `horizon_steps` optimizer steps (timm's
-    ModelEmaV3; horizon 0 means no averaging: the copy simply follows the model)."""
-    from timm.utils import ModelEmaV3
-
-    return ModelEmaV3(model, decay=max(0.0, 1 - 1 / horizon_steps) if horizon_steps > 0 else 0.0)
 
 
 def _resume_key(cfg: TrainConfig) -> dict[str, Any]:
