@@ -48,7 +48,7 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(
         backbone=args.backbone, weights=args.weights, epochs=args.epochs, seed=args.seed, split_seed=args.split_seed,
-        batch_size=args.batch_size, lr=args.lr, patience=args.patience, image_size=args.image_size,
+        batch_size=args.batch_size, lr=args.lr, patience=args.patience, min_epochs=args.min_epochs, image_size=args.image_size,
         skip_bad_images=args.skip_bad_images, amp=not args.no_amp, onnx=not args.no_onnx,
         holdout_source=args.holdout_source,
     )
@@ -353,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="head learning rate (backbone gets 0.3×)")
     p.add_argument("--patience", type=int, default=6, help="early-stopping patience in epochs")
+    p.add_argument("--min-epochs", type=int, default=8,
+                   help="no earlier epoch is selected or counts towards early stopping (default: 8)")
     p.add_argument("--image-size", type=int, help="input size (default: the backbone's pretraining size, at least 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, default=0, help="seed for carving validation/test splits")
