@@ -51,14 +51,15 @@ def main() -> None:
         test, dedup, referral = metrics["test"], metrics.get("test_dedup"), metrics["referral"]["test"]
         lo, hi = test["ci95"]["accuracy"]
         dd = f"{dedup['accuracy']:.3f} (n={dedup['n']})" if dedup else "n/a"
-        print(f"| {seed} | {test['accuracy']:.3f} ({lo:.3f}–{hi:.3f}) | {test['log_loss']:.3f} | {test['per_class']['Covid']['sensitivity']:.3f} "
-              f"| {dd} | {referral['referred_rate']:.0%} | {referral['accuracy_not_referred']:.3f} "
+        print(f"| {seed} | {test['accuracy']:.3f} ({lo:.3f}–{hi:.3f}) | {test['log_loss']:.3f} "
+              f"| {test['per_class']['Covid']['sensitivity']:.3f} | {dd} | {referral['referred_rate']:.0%} | {referral['accuracy_not_referred']:.3f} "
               f"| {referral['covid_sensitivity_with_referral']:.3f} | {epoch} | {wall:.0f} s |")
     accs = [m["test"]["accuracy"] for _, _, m, _ in rows]
     losses = [m["test"]["log_loss"] for _, _, m, _ in rows]
     perfect = sum(m["test"]["per_class"]["Covid"]["sensitivity"] == 1.0 for _, _, m, _ in rows)
     print(f"\nmean test accuracy {statistics.mean(accs):.3f} (range {min(accs):.3f}–{max(accs):.3f}) over {len(rows)} seeds "
-          f"(n={rows[0][2]['test']['n']} test images each), mean log loss {statistics.mean(losses):.3f}; Covid sensitivity 1.00 in {perfect} of {len(rows)} seeds")
+          f"(n={rows[0][2]['test']['n']} test images each), mean log loss {statistics.mean(losses):.3f}; "
+          f"Covid sensitivity 1.00 in {perfect} of {len(rows)} seeds")
 
 
 if __name__ == "__main__":

@@ -48,8 +48,8 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(
         backbone=args.backbone, weights=args.weights, epochs=args.epochs, seed=args.seed, split_seed=args.split_seed,
-        batch_size=args.batch_size, lr=args.lr, patience=args.patience, min_epochs=args.min_epochs, image_size=args.image_size,
-        skip_bad_images=args.skip_bad_images, amp=not args.no_amp, onnx=not args.no_onnx,
+        batch_size=args.batch_size, lr=args.lr, patience=args.patience, min_epochs=args.min_epochs,
+        image_size=args.image_size, skip_bad_images=args.skip_bad_images, amp=not args.no_amp, onnx=not args.no_onnx,
         holdout_source=args.holdout_source,
     )
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
