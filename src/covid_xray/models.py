@@ -75,6 +75,25 @@ class XrayNet(nn.Module):
     def head(self) -> nn.Module:
         return self.backbone.get_classifier()
 
+    def freeze(self, groups: int) -> int:
+        """Keep the first `groups` layer groups from the input (timm's coarse groups: the stem, then
+        each stage) at their current weights. Returns how many parameter tensors were frozen."""
+        from timm.models import group_parameters
+
+        if groups <= 0:
+            return 0
+        head = {id(p) for p in self.head.parameters()}
+        params = dict(self.backbone.named_parameters())
+        stages = [names for names in group_parameters(self.backbone, self.backbone.group_matcher(coarse=True)).values()
+                  if not any(id(params[n]) in head for n in names)]
+        if groups > len(stages):
+            raise ModelError(f"cannot freeze {groups} layer groups: this backbone has {len(stages)} before its "
+                             f"classifier; use --freeze {len(stages)} or less")
+        frozen = [params[n] for names in stages[:groups] for n in names]
+        for p in frozen:
+            p.requires_grad_(False)
+        return len(frozen)
+
 
 def check_backbone(name: str) -> None:
     import timm
