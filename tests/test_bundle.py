@@ -69,6 +69,6 @@ def test_a_tampered_ood_guard_is_refused(untrained_bundle, tmp_path):
 def test_a_bundle_of_another_format_is_refused_with_what_to_do(untrained_bundle, tmp_path):
     bundle = _copy(untrained_bundle, tmp_path)
     config = json.loads((bundle / "config.json").read_text())
-    (bundle / "config.json").write_text(json.dumps({**config, "format_version": 1}))
-    with pytest.raises(ModelError, match="bundle format 1.*retrain with this version"):
+    (bundle / "config.json").write_text(json.dumps({**config, "format_version": 2}))
+    with pytest.raises(ModelError, match="bundle format 2.*retrain with this version"):
         load_bundle(bundle)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from covid_xray.errors import ModelError
-from covid_xray.models import create_model, predict_outputs, predict_probs
+from covid_xray.models import create_model, predict_probs
 
 
 def test_offline_imagenet_weights_recognise_a_cat():
@@ -32,22 +32,6 @@ def test_model_takes_uint8_grayscale_and_returns_class_probabilities():
     model = create_model("tf_efficientnet_lite0", 3, weights="none")
     probs = predict_probs(model, np.zeros((5, 64, 64), np.uint8), batch_size=2)
     assert probs.shape == (5, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
-
-
-def test_exposure_and_contrast_of_a_film_do_not_change_what_the_model_sees():
-    """Per-image standardisation: a darker, flatter copy of a film (as another scanner exports it)
-    gives the same features up to the grey-level rounding of the copy (without it: about 18% apart)."""
-    from conftest import xray_like
-
-    model = create_model("tf_efficientnet_lite0", 3, weights="imagenet")
-    films = np.stack([np.asarray(xray_like(224, seed=s)) for s in range(4)])
-
-    def distance(a: np.ndarray, b: np.ndarray) -> float:
-        fa, fb = predict_outputs(model, a)[1], predict_outputs(model, b)[1]
-        return float((np.linalg.norm(fa - fb, axis=1) / np.linalg.norm(fa, axis=1)).max())
-
-    assert distance(films, np.round(films * 0.6 + 30).astype(np.uint8)) < 0.05
-    assert distance(films, 255 - films) > 0.3  # a different film as far as the model is concerned
 
 
 def test_unknown_backbone_suggests_names():

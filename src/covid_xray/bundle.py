@@ -16,8 +16,7 @@ from typing import Any
 
 from .errors import ModelError
 
-# 2: films are standardised per image inside the model; a format-1 bundle would be misread.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 # Optional, written by `covid-xray export`: the same model as ONNX graphs (fp32, and int8-quantised).
@@ -76,8 +75,8 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelError(f"{path / CONFIG} is not valid JSON ({e}); the bundle is damaged") from None
     if config.get("format_version") != FORMAT_VERSION:
-        raise ModelError(f"{path} has bundle format {config.get('format_version')!r}; this version reads {FORMAT_VERSION}; "
-                         f"retrain with this version, or use the covid-xray version that wrote it")
+        raise ModelError(f"{path} has bundle format {config.get('format_version')!r}, this version reads "
+                         f"{FORMAT_VERSION}: retrain with this version, or use the covid-xray version that wrote it")
     return config
 
 

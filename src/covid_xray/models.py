@@ -13,8 +13,6 @@ from torch import nn
 from .errors import ModelError
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
-# Grey levels every film is standardised to inside the model, before the backbone's own normalisation.
-STANDARD_MEAN, STANDARD_STD = 128.0, 64.0
 
 
 def _efficientnet_lite0_file() -> Path:
@@ -45,21 +43,11 @@ class XrayNet(nn.Module):
         self.register_buffer("shift", -mean_t / std_t, persistent=False)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.scale.dtype)
-        # Each film is first standardised to grey-level mean 128, std 64: hospitals' exposure and
-        # contrast differ by source, and so by class in small datasets, and the net must not learn
-        # that shortcut. Chosen on a split carved from train (README, "Per-image standardisation").
-        mean, std = x.mean(dim=(2, 3), keepdim=True), x.std(dim=(2, 3), keepdim=True).clamp_min(1.0)
-        x = (x - mean) / std * STANDARD_STD + STANDARD_MEAN
-        x = x.expand(-1, 3, -1, -1) * self.scale + self.shift
+        x = x.to(self.scale.dtype).expand(-1, 3, -1, -1) * self.scale + self.shift
         return x.contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.normalize(x))
-
-    def normalization(self) -> dict[str, object]:
-        """What `normalize` does, as recorded in a bundle's config.json."""
-        return {"per_image": {"mean": STANDARD_MEAN, "std": STANDARD_STD}, "mean": list(self.mean), "std": list(self.std)}
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled penultimate features (what the classifier head sees)."""
@@ -74,25 +62,6 @@ class XrayNet(nn.Module):
     @property
     def head(self) -> nn.Module:
         return self.backbone.get_classifier()
-
-    def freeze(self, groups: int) -> int:
-        """Keep the first `groups` layer groups from the input (timm's coarse groups: the stem, then
-        each stage) at their current weights. Returns how many parameter tensors were frozen."""
-        from timm.models import group_parameters
-
-        if groups <= 0:
-            return 0
-        head = {id(p) for p in self.head.parameters()}
-        params = dict(self.backbone.named_parameters())
-        stages = [names for names in group_parameters(self.backbone, self.backbone.group_matcher(coarse=True)).values()
-                  if not any(id(params[n]) in head for n in names)]
-        if groups > len(stages):
-            raise ModelError(f"cannot freeze {groups} layer groups: this backbone has {len(stages)} before its "
-                             f"classifier; use --freeze {len(stages)} or less")
-        frozen = [params[n] for names in stages[:groups] for n in names]
-        for p in frozen:
-            p.requires_grad_(False)
-        return len(frozen)
 
 
 def check_backbone(name: str) -> None:

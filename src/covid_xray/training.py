@@ -40,10 +40,6 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3  # classifier head; the backbone gets lr * backbone_lr_scale
     backbone_lr_scale: float = 0.3
-    # Layer groups from the input (stem, then stages) kept at their ImageNet weights: generic edge and
-    # texture filters that a few hundred films cannot improve, and whose backward pass at full
-    # resolution is the costliest part of a CPU training step.
-    freeze: int = 0
     weight_decay: float = 0.01
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
@@ -231,8 +227,7 @@ def fit(
 
     head_params = list(model.head.parameters())
     head_ids = {id(p) for p in head_params}
-    model.freeze(cfg.freeze)
-    backbone_params = [p for p in model.parameters() if id(p) not in head_ids and p.requires_grad]
+    backbone_params = [p for p in model.parameters() if id(p) not in head_ids]
     optimizer = torch.optim.AdamW(
         [{"params": backbone_params, "lr": cfg.lr * cfg.backbone_lr_scale}, {"params": head_params, "lr": cfg.lr}],
         weight_decay=cfg.weight_decay,
@@ -415,7 +410,7 @@ def train_run(
         "classes": dataset.classes,
         "input_size": size,
         "input": "grayscale uint8, N×1×H×W; normalisation inside the model",
-        "normalization": model.normalization(),
+        "normalization": {"mean": list(model.mean), "std": list(model.std)},
         "hyperparameters": asdict(cfg),
         "training": {
             "best_epoch": fit_result["best_epoch"], "epochs_run": len(fit_result["history"]),
