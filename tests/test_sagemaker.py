@@ -25,7 +25,7 @@ PY = sys.executable
 # Small and fast: synthetic 64-px images, no pretrained weights, one epoch.
 QUICK = {"epochs": 1, "weights": "none", "image-size": 64, "batch-size": 8, "bootstrap": 50}
 CLASSES = ["A", "B", "C"]
-DEMO_EPOCHS = 3  # the notebook's short schedule in CI
+DEMO_EPOCHS = 6  # the notebook's short schedule in CI (3 left it at 0.53 test accuracy on one CPU)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -533,9 +533,12 @@ def test_demo_notebook_runs_top_to_bottom(dataset_dir, tmp_path, monkeypatch):
         for c in notebook.cells if c.cell_type == "code" for o in c.outputs
     )
     assert "Endpoint deleted" in outputs
-    # The endpoint's answers on the six example images and on the whole test split.
+    # The endpoint answers the six example images, and over the whole test split it agrees with the job's
+    # own evaluation (same model, same pixels). How far the short CI schedule gets depends on the CPU's
+    # bfloat16 kernels, so the accuracy asked for is on all 66 images (not six) and leaves room (0.88 seen).
     shown = [line for line in outputs.splitlines() if line.startswith(("✓ ", "✗ "))]
-    assert len(shown) == 6 and sum(line.startswith("✓") for line in shown) >= 5, shown
-    # Over the whole test split the endpoint agrees with the job's own evaluation: same model, same pixels.
-    served, evaluated = re.search(r"accuracy on all 66 test images: ([0-9.]+) \(the training job's evaluation: ([0-9.]+)\)", outputs).groups()
-    assert served == evaluated
+    assert len(shown) == 6, shown
+    served, evaluated = re.search(
+        r"accuracy on all 66 test images: ([0-9.]+) \(the training job's evaluation: ([0-9.]+)\)", outputs
+    ).groups()
+    assert served == evaluated and float(served) >= 0.7, (served, shown)
