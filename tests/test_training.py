@@ -1,12 +1,14 @@
-"""The fit loop itself: which epoch it keeps and when it stops."""
+"""The fit loop itself: which epoch it keeps, when it stops, and the precision of its steps."""
 
 from __future__ import annotations
 
+import torch
 from conftest import make_class_tree
+from torch import nn
 
 from covid_xray import data as data_mod
 from covid_xray.models import create_model
-from covid_xray.training import TrainConfig, fit
+from covid_xray.training import TrainConfig, fit, slow_bf16_convs_in_fp32
 
 
 def test_no_epoch_before_min_epochs_is_selected_or_stops_the_run(tmp_path):
@@ -20,3 +22,26 @@ def test_no_epoch_before_min_epochs_is_selected_or_stops_the_run(tmp_path):
     eligible = [h for h in result["history"] if h["epoch"] >= 3]
     assert result["best_epoch"] >= 3 and len(result["history"]) >= 3
     assert result["best_val_loss"] == min(h["val_loss"] for h in eligible)
+
+
+def test_slow_depthwise_convs_run_in_float32_under_bf16_autocast_only_within_the_block():
+    model = create_model("tf_efficientnet_lite0", 3, "none")
+    outputs: dict[str, torch.dtype] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            module.register_forward_hook(lambda m, args, out, name=name: outputs.__setitem__(name, out.dtype))
+    depthwise = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels}
+    slow = {n for n, m in depthwise.items() if m.kernel_size == (5, 5) or m.stride == (2, 2)}
+    x = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), slow_bf16_convs_in_fp32(model, torch.device("cpu")):
+        model(x).sum().backward()
+    assert len(slow) == 11 and len(depthwise) == 16  # lite0: 5×5 stages and stride-2 blocks
+    assert {n for n, dtype in outputs.items() if dtype == torch.float32} == slow
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for n, p in model.named_parameters() if ".conv_dw" in n)
+
+    outputs.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    assert set(outputs.values()) == {torch.bfloat16}  # outside the block the model is as it was
+    assert not any("forward" in vars(m) for m in model.modules())

@@ -11,7 +11,9 @@ import math
 import os
 import random
 import time
-from collections.abc import Sequence
+import types
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,6 +142,29 @@ def autocast(device: torch.device, enabled: bool):
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype, enabled=enabled)
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled and cpu_has_bf16())
+
+
+def _fp32_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast("cpu", enabled=False):
+        return type(conv).forward(conv, x.float())
+
+
+@contextmanager
+def slow_bf16_convs_in_fp32(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Within this block, on CPU, run the depthwise convolutions with a 5×5 kernel or stride 2 in float32
+    under bf16 autocast: oneDNN's bf16 backward for those is 3–5× slower than float32 and took over half of a
+    training step, while its other bf16 kernels are fast (`python benchmarks/train_step.py`)."""
+    convs = [] if device.type != "cpu" else [
+        m for m in model.modules()
+        if isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels and (max(m.kernel_size) > 3 or max(m.stride) > 1)
+    ]
+    for conv in convs:
+        conv.forward = types.MethodType(_fp32_forward, conv)
+    try:
+        yield
+    finally:
+        for conv in convs:
+            del conv.forward
 
 
 def class_weights(labels: list[int], n_classes: int) -> torch.Tensor:
@@ -271,7 +296,7 @@ def fit(
         total, seen = 0.0, 0
         for x, y in tqdm(loader, desc=f"epoch {epoch}", leave=False, unit="batch", dynamic_ncols=True, disable=quiet):
             x, y = x.to(device), y.to(device)
-            with autocast(device, cfg.amp):
+            with autocast(device, cfg.amp), slow_bf16_convs_in_fp32(model, device):
                 loss = loss_fn(net(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
