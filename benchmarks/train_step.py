@@ -4,7 +4,7 @@
 
 One step is what `training.fit` does per batch: forward and loss under autocast, backward, AdamW.
 Compared: float32; bfloat16 autocast for everything; bfloat16 autocast with the slow depthwise
-convolutions in float32 (what training does on CPU). bfloat16 rows need a CPU with native bf16
+convolutions in float32 (`covid-xray train --fp32-depthwise`). bfloat16 rows need a CPU with native bf16
 (avx512_bf16 or amx_bf16); elsewhere autocast is off and they time float32. --profile prints the
 slowest operators of each setting, by input shape.
 """
@@ -41,7 +41,7 @@ def main() -> None:
     settings = {  # name: (bf16 autocast, slow depthwise convs in float32)
         "float32": (False, False),
         "bfloat16 autocast": (True, False),
-        "bfloat16 autocast, slow depthwise convs float32 (training's default)": (True, True),
+        "bfloat16 autocast, slow depthwise convs float32 (--fp32-depthwise)": (True, True),
     }
     rows = []
     for name, (amp, fp32_convs) in settings.items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from conftest import make_class_tree
 from torch import nn
@@ -24,7 +26,7 @@ def test_no_epoch_before_min_epochs_is_selected_or_stops_the_run(tmp_path):
     assert result["best_val_loss"] == min(h["val_loss"] for h in eligible)
 
 
-def test_slow_depthwise_convs_run_in_float32_under_bf16_autocast_only_within_the_block():
+def test_fp32_depthwise_runs_slow_depthwise_convs_in_float32_under_bf16_only_within_the_block():
     model = create_model("tf_efficientnet_lite0", 3, "none")
     outputs: dict[str, torch.dtype] = {}
     for name, module in model.named_modules():
@@ -40,8 +42,9 @@ def test_slow_depthwise_convs_run_in_float32_under_bf16_autocast_only_within_the
     assert {n for n, dtype in outputs.items() if dtype == torch.float32} == slow
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for n, p in model.named_parameters() if ".conv_dw" in n)
 
-    outputs.clear()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        model(x)
-    assert set(outputs.values()) == {torch.bfloat16}  # outside the block the model is as it was
+    for block in (contextlib.nullcontext(), slow_bf16_convs_in_fp32(model, torch.device("cpu"), enabled=False)):
+        outputs.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16), block:
+            model(x)
+        assert set(outputs.values()) == {torch.bfloat16}  # outside the block, or disabled, the model is as it was
     assert not any("forward" in vars(m) for m in model.modules())
