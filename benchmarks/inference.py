@@ -49,7 +49,7 @@ def untrained_bundle(path: Path, classes: list[str]) -> Path:
 
     model = create_model(DEFAULT_BACKBONE, len(classes), weights="imagenet")
     config = {"backbone": DEFAULT_BACKBONE, "classes": classes, "input_size": input_size(DEFAULT_BACKBONE),
-              "normalization": {"mean": list(model.mean), "std": list(model.std)}}
+              "normalization": model.normalization()}
     return save_bundle(path, model, config)
 
 

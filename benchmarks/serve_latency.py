@@ -46,7 +46,7 @@ def default_bundle(folder: Path) -> Path:
     cfg = TrainConfig()
     model = create_model(cfg.backbone, 3, weights="imagenet").eval()
     config = {"backbone": cfg.backbone, "classes": ["Covid", "Normal", "Viral Pneumonia"],
-              "input_size": cfg.resolved_size(), "normalization": {"mean": list(model.mean), "std": list(model.std)}}
+              "input_size": cfg.resolved_size(), "normalization": model.normalization()}
     bundle = save_bundle(folder / "model", model, config)
     if onnx_available():
         export_bundle(bundle, log=lambda message: None)

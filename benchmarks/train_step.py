@@ -12,7 +12,6 @@ slowest operators of each setting, by input shape.
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 from _common import machine, print_table, time_calls, use_cores
 
@@ -51,8 +50,7 @@ def main() -> None:
 
         def step() -> None:
             train_mode(model)
-            convs = slow_bf16_convs_in_fp32(model, device) if fp32_convs else contextlib.nullcontext()
-            with autocast(device, amp), convs:
+            with autocast(device, amp), slow_bf16_convs_in_fp32(model, device, fp32_convs):
                 loss = loss_fn(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -79,7 +79,7 @@ def untrained_bundle(tmp_path_factory) -> Path:
         "backbone": "tf_efficientnet_lite0",
         "classes": ["Covid", "Normal", "Viral Pneumonia"],
         "input_size": 224,
-        "normalization": {"mean": list(model.mean), "std": list(model.std)},
+        "normalization": model.normalization(),
         "ood": guard.config(),
         "referral": {"threshold": 0.95},
     }

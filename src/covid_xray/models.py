@@ -49,6 +49,10 @@ class XrayNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.normalize(x))
 
+    def normalization(self) -> dict[str, list[float]]:
+        """What `normalize` does, as recorded in a bundle's config.json."""
+        return {"mean": list(self.mean), "std": list(self.std)}
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled penultimate features (what the classifier head sees)."""
         return self.backbone.forward_head(self.backbone.forward_features(self.normalize(x)), pre_logits=True)

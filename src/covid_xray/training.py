@@ -439,7 +439,7 @@ def train_run(
         "classes": dataset.classes,
         "input_size": size,
         "input": "grayscale uint8, N×1×H×W; normalisation inside the model",
-        "normalization": {"mean": list(model.mean), "std": list(model.std)},
+        "normalization": model.normalization(),
         "hyperparameters": asdict(cfg),
         "training": {
             "best_epoch": fit_result["best_epoch"], "epochs_run": len(fit_result["history"]),
