@@ -6,7 +6,7 @@ One step is what `training.fit` does per batch: forward and loss under autocast,
 Compared: float32; bfloat16 autocast for everything; bfloat16 autocast with the slow depthwise
 convolutions in float32 (`covid-xray train --fp32-depthwise`). bfloat16 rows need a CPU with native bf16
 (avx512_bf16 or amx_bf16); elsewhere autocast is off and they time float32. --profile prints the
-slowest operators of each setting, by input shape.
+slowest operators of each setting, in all and by input shape (the same layer's share under each setting).
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def main() -> None:
 
             with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                 step()
-            print(f"## {name}")
+            print(f"## {name}: by operator, then by operator and input shape")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
             print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=12))
     print(f"default backbone {DEFAULT_BACKBONE}, batch {args.batch}, {args.size} px; native bf16: {cpu_has_bf16()}; {machine()}")
     print_table(rows)

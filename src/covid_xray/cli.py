@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-amp", action="store_true", help="train in float32 even where bfloat16 is fast")
     p.add_argument("--no-onnx", action="store_true", help="do not add model.onnx to the bundle")
     p.add_argument("--fp32-depthwise", action="store_true",
-                   help="under bfloat16, run 5×5 and stride-2 depthwise convolutions in float32: ~30%% faster steps "
+                   help="under bfloat16, run 5×5 and stride-2 depthwise convolutions in float32: 20–40%% faster steps "
                         "on CPUs with AMX/AVX512-BF16; scored lower in our seeds (README)")
     p.add_argument("--nproc", type=int, default=1, help="train with N processes via torchrun (DDP; gloo on CPU)")
     p.set_defaults(func=_train)

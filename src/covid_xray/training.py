@@ -56,7 +56,7 @@ class TrainConfig:
     image_size: int | None = None  # None: the backbone's pretraining resolution, at least MIN_IMAGE_SIZE
     skip_bad_images: bool = False
     amp: bool = True  # bfloat16 autocast on CPUs with native bf16, fp16/bf16 on GPUs
-    # Opt-in: ~30% faster CPU steps under bf16 (see slow_bf16_convs_in_fp32), but in seeds 0-2 it scored
+    # Opt-in: 20-40% faster CPU steps under bf16 (see slow_bf16_convs_in_fp32), but in seeds 0-2 it scored
     # lower on both the carved split and the test split (README), so the default stays all-bf16.
     fp32_depthwise: bool = False
     bootstrap: int = 1000
@@ -155,7 +155,7 @@ def _fp32_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def slow_bf16_convs_in_fp32(model: nn.Module, device: torch.device, enabled: bool = True) -> Iterator[None]:
     """Within this block, on CPU, run the depthwise convolutions with a 5×5 kernel or stride 2 in float32
-    under bf16 autocast: oneDNN's bf16 backward for those is 3–5× slower than float32 and took over half of a
+    under bf16 autocast: oneDNN's bf16 backward for those is 2–5× slower than float32 and took over half of a
     training step, while its other bf16 kernels are fast (`python benchmarks/train_step.py`).
     With enabled=False, or off the CPU, the block changes nothing."""
     convs = [] if not enabled or device.type != "cpu" else [
