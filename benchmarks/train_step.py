@@ -3,8 +3,11 @@
     python benchmarks/train_step.py [--batch 32] [--size 256] [--threads N] [--profile]
 
 One step is what `training.fit` does per batch: forward and loss under autocast, backward, AdamW.
-Compared: float32; bfloat16 autocast for everything; bfloat16 autocast with the slow depthwise
-convolutions in float32 (`covid-xray train --fp32-depthwise`). bfloat16 rows need a CPU with native bf16
+The settings take turns, one step each per round, so a VM whose speed drifts affects them alike.
+Compared, with every layer trained: float32; bfloat16 autocast for everything; bfloat16 autocast with
+the slow depthwise convolutions in float32 (`covid-xray train --fp32-depthwise`). Then the default:
+bfloat16 autocast with the pretrained layers down to 1/8 resolution fixed (`--freeze-stride 8`), which
+skips most of the backward pass at full resolution. bfloat16 rows need a CPU with native bf16
 (avx512_bf16 or amx_bf16); elsewhere autocast is off and they time float32. --profile prints the
 slowest operators of each setting, in all and by input shape (the same layer's share under each setting).
 """
@@ -12,8 +15,11 @@ slowest operators of each setting, in all and by input shape (the same layer's s
 from __future__ import annotations
 
 import argparse
+import time
+from collections.abc import Callable
 
-from _common import machine, print_table, time_calls, use_cores
+import numpy as np
+from _common import machine, print_table, use_cores
 
 
 def parse_args() -> argparse.Namespace:
@@ -21,8 +27,33 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--threads", type=int, help="run as if the machine had this many cores")
+    parser.add_argument("--rounds", type=int, default=5, help="timed steps per setting, taken in turns")
     parser.add_argument("--profile", action="store_true", help="also print each setting's slowest operators")
     return parser.parse_args()
+
+
+def make_step(amp: bool, fp32_convs: bool, freeze_stride: int, x, y) -> Callable[[], None]:
+    """One training step of a fresh default model in the given setting, as `training.fit` takes it."""
+    import torch
+
+    from covid_xray.models import DEFAULT_BACKBONE, create_model
+    from covid_xray.training import autocast, slow_bf16_convs_in_fp32, train_mode
+
+    device = torch.device("cpu")
+    model = create_model(DEFAULT_BACKBONE, 3).to(memory_format=torch.channels_last)
+    model.freeze(freeze_stride)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step() -> None:
+        train_mode(model)
+        with autocast(device, amp), slow_bf16_convs_in_fp32(model, device, fp32_convs):
+            loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
 
 
 def main() -> None:
@@ -30,37 +61,38 @@ def main() -> None:
     use_cores(args.threads)
     import torch
 
-    from covid_xray.models import DEFAULT_BACKBONE, create_model
-    from covid_xray.training import autocast, cpu_has_bf16, slow_bf16_convs_in_fp32, train_mode
+    from covid_xray.models import DEFAULT_BACKBONE
+    from covid_xray.training import TrainConfig, cpu_has_bf16
 
-    device = torch.device("cpu")
     torch.manual_seed(0)
     x = torch.randint(0, 256, (args.batch, 1, args.size, args.size), dtype=torch.uint8)
     y = torch.randint(0, 3, (args.batch,))
-    settings = {  # name: (bf16 autocast, slow depthwise convs in float32)
-        "float32": (False, False),
-        "bfloat16 autocast": (True, False),
-        "bfloat16 autocast, slow depthwise convs float32 (--fp32-depthwise)": (True, True),
+    stride = TrainConfig().freeze_stride
+    settings = {  # name: (bf16 autocast, slow depthwise convs in float32, --freeze-stride)
+        "float32, every layer trained": (False, False, 0),
+        "bfloat16 autocast, every layer trained": (True, False, 0),
+        "bfloat16 autocast, slow depthwise convs float32 (--fp32-depthwise), every layer trained": (True, True, 0),
+        "bfloat16 autocast, layers down to 1/4 resolution fixed (--freeze-stride 4)": (True, False, 4),
+        f"bfloat16 autocast, layers down to 1/{stride} resolution fixed (the default, --freeze-stride {stride})":
+            (True, False, stride),
     }
-    rows = []
-    for name, (amp, fp32_convs) in settings.items():
-        model = create_model(DEFAULT_BACKBONE, 3).to(memory_format=torch.channels_last)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        loss_fn = torch.nn.CrossEntropyLoss()
+    steps = {name: make_step(*setting, x, y) for name, setting in settings.items()}
+    for step in steps.values():  # the first steps allocate and pick kernels
+        step()
+        step()
+    # Settings take turns, so a VM that speeds up or slows down over the run affects them all alike.
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step()
+            seconds[name].append(time.perf_counter() - started)
+    rows = [{"setting": name, "s/step (median)": f"{np.median(s):.2f}", "range": f"{min(s):.2f}–{max(s):.2f}",
+             "images/s": f"{args.batch / np.median(s):.1f}"} for name, s in seconds.items()]
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
 
-        def step() -> None:
-            train_mode(model)
-            with autocast(device, amp), slow_bf16_convs_in_fp32(model, device, fp32_convs):
-                loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        seconds = time_calls(step, min_calls=5, min_seconds=5, warmup=2)
-        rows.append({"setting": name, "s/step": f"{seconds.mean():.2f}", "images/s": f"{args.batch / seconds.mean():.1f}"})
-        if args.profile:
-            from torch.profiler import ProfilerActivity, profile
-
+        for name, step in steps.items():
             with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                 step()
             print(f"## {name}: by operator, then by operator and input shape")

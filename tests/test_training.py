@@ -26,6 +26,25 @@ def test_no_epoch_before_min_epochs_is_selected_or_stops_the_run(tmp_path):
     assert result["best_val_loss"] == min(h["val_loss"] for h in eligible)
 
 
+def test_freeze_stride_keeps_the_early_pretrained_layers_fixed_and_trains_the_rest(tmp_path):
+    dataset = data_mod.discover(make_class_tree(tmp_path / "data", per_class=6, size=48), val_fraction=0.2)
+    train, val = (data_mod.decode_samples(dataset[s], 48, cache_dir=tmp_path / "cache") for s in ("train", "val"))
+    runs = {}
+    for weights in ("imagenet", "none"):  # random filters are never frozen: they would stay random
+        cfg = TrainConfig(weights=weights, image_size=48, batch_size=8, epochs=1, min_epochs=1, amp=False, freeze_stride=4)
+        model = create_model(cfg.backbone, 3, cfg.weights)
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        (tmp_path / weights).mkdir()
+        result = fit(model, train, val, cfg, tmp_path / weights, log=lambda m: None)
+        runs[weights] = {name for name, p in model.named_parameters() if torch.equal(before[name], p)}
+        assert result["frozen_parameters"] == sum(before[name].numel() for name in runs[weights])
+
+    # tf_efficientnet_lite0 reaches 1/4 resolution at the end of its second stage (blocks.1).
+    early = ("backbone.conv_stem.", "backbone.bn1.", "backbone.blocks.0.", "backbone.blocks.1.")
+    assert runs["imagenet"] == {name for name in before if name.startswith(early)}
+    assert runs["none"] == set()
+
+
 def test_fp32_depthwise_runs_slow_depthwise_convs_in_float32_under_bf16_only_within_the_block():
     model = create_model("tf_efficientnet_lite0", 3, "none")
     outputs: dict[str, torch.dtype] = {}

@@ -50,7 +50,7 @@ def _train(args: argparse.Namespace) -> int:
         backbone=args.backbone, weights=args.weights, epochs=args.epochs, seed=args.seed, split_seed=args.split_seed,
         batch_size=args.batch_size, lr=args.lr, patience=args.patience, min_epochs=args.min_epochs,
         image_size=args.image_size, skip_bad_images=args.skip_bad_images, amp=not args.no_amp, onnx=not args.no_onnx,
-        fp32_depthwise=args.fp32_depthwise, holdout_source=args.holdout_source,
+        fp32_depthwise=args.fp32_depthwise, holdout_source=args.holdout_source, freeze_stride=args.freeze_stride,
     )
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     result = train_run(cfg, parse_sources(args.data), out, resume=args.resume, log=lambda m: print(m, flush=True))
@@ -356,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-epochs", type=int, default=8,
                    help="no earlier epoch is selected or counts towards early stopping (default: 8)")
     p.add_argument("--image-size", type=int, help="input size (default: the backbone's pretraining size, at least 256)")
+    p.add_argument("--freeze-stride", type=int, default=8, metavar="S",
+                   help="keep the pretrained layers down to 1/S of the input resolution fixed (default: 8; "
+                        "0 trains every layer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, default=0, help="seed for carving validation/test splits")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable files (counted in the report)")

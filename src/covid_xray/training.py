@@ -42,6 +42,10 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3  # classifier head; the backbone gets lr * backbone_lr_scale
     backbone_lr_scale: float = 0.3
+    # The stem and the layers down to 1/8 of the input resolution keep their pretrained weights (0: train all):
+    # 1.6% of the default backbone's weights, but skipping their backward pass halves a CPU training step
+    # (benchmarks/train_step.py). Never applied with weights "none": random filters would stay random.
+    freeze_stride: int = 8
     weight_decay: float = 0.01
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
@@ -256,7 +260,11 @@ def fit(
 
     head_params = list(model.head.parameters())
     head_ids = {id(p) for p in head_params}
-    backbone_params = [p for p in model.parameters() if id(p) not in head_ids]
+    frozen = model.freeze(cfg.freeze_stride if cfg.weights != "none" else 0)
+    if frozen:
+        log(f"keeping {frozen:,} pretrained parameters fixed (layers down to 1/{cfg.freeze_stride} resolution; "
+            "--freeze-stride 0 trains all)")
+    backbone_params = [p for p in model.parameters() if id(p) not in head_ids and p.requires_grad]
     optimizer = torch.optim.AdamW(
         [{"params": backbone_params, "lr": cfg.lr * cfg.backbone_lr_scale}, {"params": head_params, "lr": cfg.lr}],
         weight_decay=cfg.weight_decay,
@@ -330,7 +338,12 @@ def fit(
     bar.close()
     if state["best_state"] is not None:
         model.load_state_dict(state["best_state"])
-    return {"history": state["history"], "best_epoch": state["best_epoch"], "best_val_loss": state["best_val_loss"]}
+    return {"history": state["history"], "best_epoch": state["best_epoch"], "best_val_loss": state["best_val_loss"],
+            "frozen_parameters": frozen}
+
+
+def _frozen_note(frozen: int, hp: dict[str, Any]) -> str:
+    return f" with {frozen:,} pretrained parameters fixed (down to 1/{hp['freeze_stride']} resolution)" if frozen else " of every layer"
 
 
 def _resume_key(cfg: TrainConfig) -> dict[str, Any]:
@@ -443,6 +456,7 @@ def train_run(
         "hyperparameters": asdict(cfg),
         "training": {
             "best_epoch": fit_result["best_epoch"], "epochs_run": len(fit_result["history"]),
+            "frozen_parameters": fit_result["frozen_parameters"],
             "seconds": round(elapsed, 1), "processes": dist.world,
         },
         "data": data_info,
@@ -643,7 +657,7 @@ def write_report(
         "",
         "## Training",
         f"- backbone `{config['backbone']}`, weights `{hp['weights']}`, input {config['input_size']}×{config['input_size']} grayscale",
-        f"- head warm-up on frozen features, then full fine-tuning: AdamW (lr {hp['lr']}, backbone ×{hp['backbone_lr_scale']}), "
+        f"- head warm-up on frozen features, then fine-tuning{_frozen_note(config['training']['frozen_parameters'], hp)}: AdamW (lr {hp['lr']}, backbone ×{hp['backbone_lr_scale']}), "
         f"warm-up + cosine, label smoothing {hp['label_smoothing']}, class-weighted loss, seed {hp['seed']}",
         f"- selected epoch {fit_result['best_epoch']} of {len(fit_result['history'])} (lowest validation loss); "
         f"{config['training']['seconds']} s in total",
