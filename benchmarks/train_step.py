@@ -80,7 +80,6 @@ def main() -> None:
     for step in steps.values():  # the first steps allocate and pick kernels
         step()
         step()
-    # Settings take turns, so a VM that speeds up or slows down over the run affects them all alike.
     seconds: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():

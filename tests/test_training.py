@@ -67,3 +67,11 @@ def test_fp32_depthwise_runs_slow_depthwise_convs_in_float32_under_bf16_only_wit
             model(x)
         assert set(outputs.values()) == {torch.bfloat16}  # outside the block, or disabled, the model is as it was
     assert not any("forward" in vars(m) for m in model.modules())
+
+    model.freeze(8)  # fixed layers have no weight gradient to speed up, and run faster in bf16
+    trainable = {n for n in slow if model.get_submodule(n).weight.requires_grad}
+    outputs.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16), slow_bf16_convs_in_fp32(model, torch.device("cpu")):
+        model(x)
+    assert 0 < len(trainable) < len(slow)
+    assert {n for n, dtype in outputs.items() if dtype == torch.float32} == trainable

@@ -72,11 +72,11 @@ class XrayNet(nn.Module):
         resolution or finer (timm's feature_info) at their current weights; the classifier always trains.
         Returns how many parameters were frozen: none for stride < 2 or a backbone without feature_info."""
         levels = [f["module"] for f in getattr(self.backbone, "feature_info", None) or [] if f["reduction"] <= stride]
-        names = [name for name, _ in self.backbone.named_parameters()]
+        params = list(self.backbone.named_parameters())
         # Parameters are registered in forward order in timm, so "up to a module" is a prefix of this list.
-        last = max((i for i, name in enumerate(names) for module in levels if name.startswith(module + ".")), default=-1)
+        last = max((i for i, (name, _) in enumerate(params) if any(name.startswith(m + ".") for m in levels)), default=-1)
         head = {id(p) for p in self.head.parameters()}
-        frozen = [p for p in list(self.backbone.parameters())[: last + 1] if id(p) not in head]
+        frozen = [p for _, p in params[: last + 1] if id(p) not in head]
         for p in frozen:
             p.requires_grad_(False)
         return sum(p.numel() for p in frozen)

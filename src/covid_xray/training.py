@@ -158,13 +158,15 @@ def _fp32_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def slow_bf16_convs_in_fp32(model: nn.Module, device: torch.device, enabled: bool = True) -> Iterator[None]:
-    """Within this block, on CPU, run the depthwise convolutions with a 5×5 kernel or stride 2 in float32
-    under bf16 autocast: oneDNN's bf16 backward for those is 2–5× slower than float32 and took over half of a
-    training step, while its other bf16 kernels are fast (`python benchmarks/train_step.py`).
+    """Within this block, on CPU, run the trainable depthwise convolutions with a 5×5 kernel or stride 2 in
+    float32 under bf16 autocast: oneDNN's bf16 backward for those is 2–5× slower than float32 and took over
+    half of a training step, while its other bf16 kernels are fast (`python benchmarks/train_step.py`).
+    Frozen ones stay in bf16: they have no weight gradient, and their forward pass is faster in bf16.
     With enabled=False, or off the CPU, the block changes nothing."""
     convs = [] if not enabled or device.type != "cpu" else [
         m for m in model.modules()
         if isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels and (max(m.kernel_size) > 3 or max(m.stride) > 1)
+        and m.weight.requires_grad
     ]
     for conv in convs:
         conv.forward = types.MethodType(_fp32_forward, conv)
