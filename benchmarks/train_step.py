@@ -5,10 +5,11 @@
 One step is what `training.fit` does per batch: forward and loss under autocast, backward, AdamW.
 The settings take turns, one step each per round, so a VM whose speed drifts affects them alike.
 Compared, with every layer trained: float32; bfloat16 autocast for everything; bfloat16 autocast with
-the slow depthwise convolutions in float32 (`covid-xray train --fp32-depthwise`). Then the default:
-bfloat16 autocast with the pretrained layers down to 1/8 resolution fixed (`--freeze-stride 8`), which
-skips most of the backward pass at full resolution. bfloat16 rows need a CPU with native bf16
-(avx512_bf16 or amx_bf16); elsewhere autocast is off and they time float32. --profile prints the
+the slow depthwise convolutions in float32 (`covid-xray train --fp32-depthwise`). Then with the pretrained
+layers down to 1/4 or 1/8 resolution fixed (`--freeze-stride`), which skips most of the backward pass at
+full resolution, all in bfloat16; and the default: down to 1/8 fixed, and the depthwise convolutions that
+still train in float32. bfloat16 rows need a CPU with native bf16 (avx512_bf16 or amx_bf16); elsewhere
+autocast is off and they time float32. --profile prints the
 slowest operators of each setting, in all and by input shape (the same layer's share under each setting).
 """
 
@@ -69,12 +70,12 @@ def main() -> None:
     y = torch.randint(0, 3, (args.batch,))
     stride = TrainConfig().freeze_stride
     settings = {  # name: (bf16 autocast, slow depthwise convs in float32, --freeze-stride)
-        "float32, every layer trained": (False, False, 0),
-        "bfloat16 autocast, every layer trained": (True, False, 0),
-        "bfloat16 autocast, slow depthwise convs float32 (--fp32-depthwise), every layer trained": (True, True, 0),
-        "bfloat16 autocast, layers down to 1/4 resolution fixed (--freeze-stride 4)": (True, False, 4),
-        f"bfloat16 autocast, layers down to 1/{stride} resolution fixed (the default, --freeze-stride {stride})":
-            (True, False, stride),
+        "float32, every layer trained (--no-amp --freeze-stride 0)": (False, False, 0),
+        "bfloat16 autocast, every layer trained (--freeze-stride 0 --no-fp32-depthwise)": (True, False, 0),
+        "bfloat16 autocast, slow depthwise convs float32, every layer trained (--freeze-stride 0)": (True, True, 0),
+        "bfloat16 autocast, layers down to 1/4 resolution fixed (--freeze-stride 4 --no-fp32-depthwise)": (True, False, 4),
+        f"bfloat16 autocast, layers down to 1/{stride} resolution fixed (--no-fp32-depthwise)": (True, False, stride),
+        f"the default: down to 1/{stride} fixed, slow depthwise convs that train in float32": (True, True, stride),
     }
     steps = {name: make_step(*setting, x, y) for name, setting in settings.items()}
     for step in steps.values():  # the first steps allocate and pick kernels

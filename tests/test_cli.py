@@ -24,6 +24,16 @@ def covid_xray(*args, check=True, **kw) -> subprocess.CompletedProcess:
     return result
 
 
+def test_train_options_default_to_train_config_and_can_turn_each_setting_off():
+    from covid_xray.cli import build_parser, train_config
+    from covid_xray.training import TrainConfig
+
+    # The parser spells its defaults out (importing training would slow every command's start): keep them in step.
+    assert train_config(build_parser().parse_args(["train"])) == TrainConfig()
+    off = train_config(build_parser().parse_args(["train", "--no-fp32-depthwise", "--freeze-stride", "0", "--no-amp"]))
+    assert (off.fp32_depthwise, off.freeze_stride, off.amp) == (False, 0, False)
+
+
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     return make_class_tree(tmp_path_factory.mktemp("tiny") / "data", per_class=12, size=72)

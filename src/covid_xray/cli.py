@@ -38,22 +38,28 @@ def _launch_torchrun(nproc: int, argv: list[str]) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def train_config(args: argparse.Namespace):
+    """The TrainConfig that `covid-xray train` options describe."""
+    from .training import TrainConfig
+
+    return TrainConfig(
+        backbone=args.backbone, weights=args.weights, epochs=args.epochs, seed=args.seed, split_seed=args.split_seed,
+        batch_size=args.batch_size, lr=args.lr, patience=args.patience, min_epochs=args.min_epochs,
+        image_size=args.image_size, skip_bad_images=args.skip_bad_images, amp=not args.no_amp, onnx=not args.no_onnx,
+        fp32_depthwise=args.fp32_depthwise, holdout_source=args.holdout_source, freeze_stride=args.freeze_stride,
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
     import os
 
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(args.nproc, args.argv)
     from .data import parse_sources
-    from .training import TrainConfig, train_run
+    from .training import train_run
 
-    cfg = TrainConfig(
-        backbone=args.backbone, weights=args.weights, epochs=args.epochs, seed=args.seed, split_seed=args.split_seed,
-        batch_size=args.batch_size, lr=args.lr, patience=args.patience, min_epochs=args.min_epochs,
-        image_size=args.image_size, skip_bad_images=args.skip_bad_images, amp=not args.no_amp, onnx=not args.no_onnx,
-        fp32_depthwise=args.fp32_depthwise, holdout_source=args.holdout_source, freeze_stride=args.freeze_stride,
-    )
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    result = train_run(cfg, parse_sources(args.data), out, resume=args.resume, log=lambda m: print(m, flush=True))
+    result = train_run(train_config(args), parse_sources(args.data), out, resume=args.resume, log=lambda m: print(m, flush=True))
     if result:  # empty on the ranks of a distributed run that do not write
         print(f"bundle: {out / 'model'}")
         print(f"report: {result['report']}")
@@ -365,9 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
     p.add_argument("--no-amp", action="store_true", help="train in float32 even where bfloat16 is fast")
     p.add_argument("--no-onnx", action="store_true", help="do not add model.onnx to the bundle")
-    p.add_argument("--fp32-depthwise", action="store_true",
-                   help="under bfloat16, run 5×5 and stride-2 depthwise convolutions in float32: 20–40%% faster steps "
-                        "on CPUs with AMX/AVX512-BF16; scored lower in our seeds (README)")
+    p.add_argument("--fp32-depthwise", action=argparse.BooleanOptionalAction, default=True,
+                   help="under bfloat16 on CPU, run the trainable 5×5 and stride-2 depthwise convolutions in float32, "
+                        "whose bf16 backward is slow: a third off each step on CPUs with AMX/AVX512-BF16 (default: on)")
     p.add_argument("--nproc", type=int, default=1, help="train with N processes via torchrun (DDP; gloo on CPU)")
     p.set_defaults(func=_train)
 
