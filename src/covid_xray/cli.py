@@ -59,7 +59,9 @@ def _train(args: argparse.Namespace) -> int:
     from .training import train_run
 
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    result = train_run(train_config(args), parse_sources(args.data), out, resume=args.resume, log=lambda m: print(m, flush=True))
+    result = train_run(
+        train_config(args), parse_sources(args.data), out, resume=args.resume, log=lambda m: print(m, flush=True)
+    )
     if result:  # empty on the ranks of a distributed run that do not write
         print(f"bundle: {out / 'model'}")
         print(f"report: {result['report']}")

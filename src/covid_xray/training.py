@@ -61,7 +61,8 @@ class TrainConfig:
     skip_bad_images: bool = False
     amp: bool = True  # bfloat16 autocast on CPUs with native bf16, fp16/bf16 on GPUs
     # The trainable 5×5 and stride-2 depthwise convolutions run in float32 under bf16 autocast on CPU (see
-    # slow_bf16_convs_in_fp32): a third off a default step; chosen on the carved split by a rule set in advance (docs/experiments.md).
+    # slow_bf16_convs_in_fp32): a third off a default step. Chosen on the carved split by a rule set in
+    # advance (docs/experiments.md).
     fp32_depthwise: bool = True
     bootstrap: int = 1000
     refer_sensitivity: float = 0.95  # Covid sensitivity (detected or referred) the referral threshold aims for
