@@ -26,6 +26,21 @@ def time_calls(fn: Callable[[], object], *, min_calls: int = 20, min_seconds: fl
     return np.array(times)
 
 
+def time_in_turns(fns: dict[str, Callable[[], object]], *, rounds: int, warmup: int = 2) -> dict[str, np.ndarray]:
+    """Seconds per call of each function, calling them in turns, one call each per round, so a machine whose
+    speed drifts during the benchmark affects them all alike; after `warmup` untimed calls of each."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: np.array(t) for name, t in times.items()}
+
+
 def latency_row(name: str, seconds: np.ndarray, batch: int, **extra: str) -> dict[str, str]:
     return {
         "what": name, "batch": str(batch), "images/s": f"{batch / seconds.mean():.1f}",

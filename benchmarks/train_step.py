@@ -16,11 +16,10 @@ slowest operators of each setting, in all and by input shape (the same layer's s
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import numpy as np
-from _common import machine, print_table, use_cores
+from _common import machine, print_table, time_in_turns, use_cores
 
 
 def parse_args() -> argparse.Namespace:
@@ -78,15 +77,7 @@ def main() -> None:
         f"the default: down to 1/{stride} fixed, slow depthwise convs that train in float32": (True, True, stride),
     }
     steps = {name: make_step(*setting, x, y) for name, setting in settings.items()}
-    for step in steps.values():  # the first steps allocate and pick kernels
-        step()
-        step()
-    seconds: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            started = time.perf_counter()
-            step()
-            seconds[name].append(time.perf_counter() - started)
+    seconds = time_in_turns(steps, rounds=args.rounds)  # the untimed first steps allocate and pick kernels
     rows = [{"setting": name, "s/step (median)": f"{np.median(s):.2f}", "range": f"{min(s):.2f}–{max(s):.2f}",
              "images/s": f"{args.batch / np.median(s):.1f}"} for name, s in seconds.items()]
     if args.profile:
