@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import xray_like
+from _images import xray_like
 from PIL import Image, ImageEnhance
 
 from covid_xray.audit import (

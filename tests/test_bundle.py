@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import encode, xray_like
+from _images import encode, xray_like
 
 from covid_xray.bundle import load_bundle
 from covid_xray.errors import ModelError

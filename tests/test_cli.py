@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_class_tree, xray_like
+from _images import make_class_tree, xray_like
 
 TINY = ["--weights", "none", "--image-size", "64", "--batch-size", "8"]
 

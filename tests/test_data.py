@@ -7,7 +7,7 @@ import io
 
 import numpy as np
 import pytest
-from conftest import encode, make_class_tree, xray_like
+from _images import encode, make_class_tree, xray_like
 from PIL import Image
 
 from covid_xray.data import decode_samples, discover, load_image, resolve_data_dir

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import make_class_tree
+from _images import make_class_tree
 
 
 def test_two_process_run_writes_one_bundle_with_whole_split_metrics(tmp_path):

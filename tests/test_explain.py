@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 from _serving import wait_ready
-from conftest import encode, xray_like
+from _images import encode, xray_like
 from fastapi.testclient import TestClient
 from PIL import Image
 from torch import nn

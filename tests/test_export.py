@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import encode, make_class_tree, xray_like
+from _images import encode, make_class_tree, xray_like
 
 from covid_xray.bundle import ONNX, ONNX_INT8
 from covid_xray.errors import ModelError

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 from _serving import SRC
-from conftest import encode, xray_like
+from _images import encode, xray_like
 from PIL import Image
 
 from covid_xray import cli

@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import encode, make_class_tree, xray_like
+from _images import encode, make_class_tree, xray_like
 
 from covid_xray.errors import CovidXrayError
 from covid_xray.sagemaker import entry, launcher

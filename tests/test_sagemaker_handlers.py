@@ -8,7 +8,7 @@ import json
 
 import pytest
 from _serving import wait_ready
-from conftest import encode, xray_like
+from _images import encode, xray_like
 from fastapi.testclient import TestClient
 
 from covid_xray.protocol import RequestError

@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 from _serving import ServeProcess
-from conftest import encode, xray_like
+from _images import encode, xray_like
 from PIL import Image
 
 from covid_xray.inference import Predictor

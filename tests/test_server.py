@@ -13,7 +13,7 @@ from contextlib import ExitStack
 import numpy as np
 import pytest
 from _serving import dicom_bytes, png_bomb, wait_ready
-from conftest import encode, xray_like
+from _images import encode, xray_like
 from fastapi.testclient import TestClient
 from PIL import Image
 

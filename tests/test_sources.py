@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import make_class_tree
+from _images import make_class_tree
 
 from covid_xray import cli
 from covid_xray.audit import audit_dataset

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from conftest import make_class_tree
+from _images import make_class_tree
 from torch import nn
 
 from covid_xray import data as data_mod
