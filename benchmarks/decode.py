@@ -3,7 +3,7 @@ against the model's time per image: how much of a prediction is spent turning th
 
     python benchmarks/decode.py [--sizes 2000 3000 4000] [--threads N]
 
-"with draft" is `covid_xray.data.load_image` (what training, predict and the server run): the JPEG
+"with draft" is `covid_xray.images.load_image` (what training, predict and the server run): the JPEG
 is decoded at 1/2, 1/4 or 1/8 scale straight to luma. "without draft" is the same code with the
 draft line left out: a full-size decode, then the resize. Images are decoded from bytes in memory,
 so disk speed does not enter.
@@ -22,7 +22,7 @@ import numpy as np
 from _common import latency_row, machine, print_table, time_calls, use_cores, xray_jpeg
 from PIL import Image, ImageOps
 
-from covid_xray.data import load_image
+from covid_xray.images import load_image
 
 
 def decode_without_draft(data: bytes, size: int) -> np.ndarray:

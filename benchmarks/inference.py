@@ -27,9 +27,9 @@ import numpy as np
 from _common import latency_row, machine, print_table, time_calls, use_cores, xray_jpeg
 from PIL import Image
 
-from covid_xray.bundle import read_config
+from covid_xray.bundle import BundleConfig, read_config
+from covid_xray.calibration import softmax
 from covid_xray.data import DATA_ENV_VAR, discover
-from covid_xray.evaluation import softmax
 from covid_xray.export import export_bundle
 from covid_xray.inference import Predictor
 
@@ -45,19 +45,21 @@ def parse_args() -> argparse.Namespace:
 
 def untrained_bundle(path: Path, classes: list[str]) -> Path:
     from covid_xray.bundle import save_bundle
-    from covid_xray.models import DEFAULT_BACKBONE, create_model, input_size
+    from covid_xray.config import DEFAULT_BACKBONE
+    from covid_xray.models import create_model, input_size
 
     model = create_model(DEFAULT_BACKBONE, len(classes), weights="imagenet")
-    config = {"backbone": DEFAULT_BACKBONE, "classes": classes, "input_size": input_size(DEFAULT_BACKBONE),
-              "normalization": model.normalization()}
+    config = BundleConfig(backbone=DEFAULT_BACKBONE, classes=classes, input_size=input_size(DEFAULT_BACKBONE),
+                          normalization=model.normalization())
     return save_bundle(path, model, config)
 
 
-def test_images(data: Path | None, config: dict, count: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+def test_images(data: Path | None, config: BundleConfig, count: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
     """The test split at the model's input size, or random images without data (time does not depend on content)."""
-    from covid_xray.data import decode_samples, discover
+    from covid_xray.data import discover
+    from covid_xray.images import decode_samples
 
-    size = int(config["input_size"])
+    size = config.input_size
     if data is None:
         rng = np.random.default_rng(0)
         return rng.integers(0, 256, (count, size, size), dtype=np.uint8), None
@@ -88,13 +90,13 @@ def main() -> None:
             classes = discover(data).classes if data else ["Covid", "Normal", "Viral Pneumonia"]
             bundle = untrained_bundle(Path(tmp) / "model", classes)
         config = export_bundle(bundle, int8=data is not None, data=data, log=lambda m: print(m, file=sys.stderr))
-        backends = ["torch", "onnx"] + (["onnx-int8"] if "int8" in config.get("onnx", {}) else [])
+        backends = ["torch", "onnx"] + (["onnx-int8"] if "int8" in config.onnx else [])
         predictors = {b: Predictor.from_bundle(bundle, backend=b) for b in backends}
         images, labels = test_images(data, read_config(bundle))
         import torch
 
         print(f"{machine()}; torch {torch.__version__} with {torch.get_num_threads()} threads; "
-              f"{config['backbone']} at {config['input_size']}×{config['input_size']}; {len(images)} "
+              f"{config.backbone} at {config.input_size}×{config.input_size}; {len(images)} "
               f"{'test-split' if labels is not None else 'synthetic'} images", file=sys.stderr)
 
         names = {"torch": "PyTorch eager", "onnx": "ONNX Runtime fp32", "onnx-int8": "ONNX Runtime int8"}

@@ -46,13 +46,14 @@ def measure(data: str, cache: str, steps: int) -> dict:
     import torch
 
     from covid_xray import data as data_mod
+    from covid_xray.images import decode_samples
     from covid_xray.models import create_model
     from covid_xray.training import train_mode
 
     result = {}
     t = time.perf_counter()
     ds = data_mod.discover(data)
-    train = data_mod.decode_samples(ds["train"], 224, cache_dir=Path(cache))
+    train = decode_samples(ds["train"], 224, cache_dir=Path(cache))
     result["decode_img_s"] = len(train.samples) / (time.perf_counter() - t)
 
     labels = [s.label for s in train.samples]

@@ -19,8 +19,8 @@ import os
 import numpy as np
 from PIL import Image, ImageFilter
 
-from covid_xray.bundle import bundle_dataset
-from covid_xray.data import decode_samples, load_image
+from covid_xray.evaluation import trained_dataset
+from covid_xray.images import decode_samples, load_image
 from covid_xray.inference import Predictor
 from covid_xray.ood import synthetic_outliers
 
@@ -79,7 +79,7 @@ def main() -> None:
 
     predictor = Predictor.from_bundle(args.bundle)
     size = predictor.size
-    test = decode_samples(bundle_dataset(predictor.config, args.data)["test"], size).images[:]
+    test = decode_samples(trained_dataset(predictor.config, args.data)["test"], size).images[:]
     groups = {
         "must pass": {
             "dataset test X-rays": test,

@@ -37,16 +37,18 @@ def default_bundle(folder: Path) -> Path:
     onnx extra is installed (as `covid-xray train` does), so the server runs what a trained bundle runs."""
     import torch
 
-    from covid_xray.bundle import save_bundle
+    from covid_xray.bundle import BundleConfig, save_bundle
+    from covid_xray.config import TrainConfig
     from covid_xray.export import export_bundle
     from covid_xray.models import create_model
-    from covid_xray.training import TrainConfig, onnx_available
+    from covid_xray.training import image_size
+    from covid_xray.util import onnx_available
 
     torch.manual_seed(0)
     cfg = TrainConfig()
     model = create_model(cfg.backbone, 3, weights="imagenet").eval()
-    config = {"backbone": cfg.backbone, "classes": ["Covid", "Normal", "Viral Pneumonia"],
-              "input_size": cfg.resolved_size(), "normalization": model.normalization()}
+    config = BundleConfig(backbone=cfg.backbone, classes=["Covid", "Normal", "Viral Pneumonia"],
+                          input_size=image_size(cfg), normalization=model.normalization())
     bundle = save_bundle(folder / "model", model, config)
     if onnx_available():
         export_bundle(bundle, log=lambda message: None)

@@ -37,7 +37,8 @@ def make_step(amp: bool, fp32_convs: bool, freeze_stride: int, x, y) -> Callable
     import torch
 
     from covid_xray.models import DEFAULT_BACKBONE, create_model
-    from covid_xray.training import autocast, slow_bf16_convs_in_fp32, train_mode
+    from covid_xray.runtime import autocast, slow_bf16_convs_in_fp32
+    from covid_xray.training import train_mode
 
     device = torch.device("cpu")
     model = create_model(DEFAULT_BACKBONE, 3).to(memory_format=torch.channels_last)
@@ -62,7 +63,8 @@ def main() -> None:
     import torch
 
     from covid_xray.models import DEFAULT_BACKBONE
-    from covid_xray.training import TrainConfig, cpu_has_bf16
+    from covid_xray.config import TrainConfig
+    from covid_xray.runtime import cpu_has_bf16
 
     torch.manual_seed(0)
     x = torch.randint(0, 256, (args.batch, 1, args.size, args.size), dtype=torch.uint8)

@@ -69,7 +69,8 @@ def checkpoint_accuracy(checkpoint: Path, images: np.ndarray, labels: np.ndarray
 
 def test_split(data: Path) -> tuple[np.ndarray, np.ndarray]:
     """The test images exactly as covid-xray reads them (for scoring its checkpoints)."""
-    from covid_xray.data import decode_samples, discover
+    from covid_xray.data import discover
+    from covid_xray.images import decode_samples
     from covid_xray.models import DEFAULT_BACKBONE, input_size
 
     decoded = decode_samples(discover(data)["test"], input_size(DEFAULT_BACKBONE))

@@ -30,13 +30,13 @@ def untrained_bundle(tmp_path_factory) -> Path:
     Its out-of-distribution guard is fitted on synthetic X-ray-like images, as training would on real ones."""
     import torch
 
-    from covid_xray.bundle import save_bundle
+    from covid_xray.bundle import BundleConfig, save_bundle
     from covid_xray.models import create_model, predict_outputs
     from covid_xray.ood import FILE, OODGuard
 
     torch.manual_seed(0)
     model = create_model("tf_efficientnet_lite0", 3, weights="imagenet").eval()
-    from covid_xray.data import load_image
+    from covid_xray.images import load_image
 
     # Films at the sizes and formats the tests send, as training would see many scanners' films.
     films = np.stack([load_image(encode(xray_like(size, seed=1000 + i), fmt), 224)
@@ -46,21 +46,22 @@ def untrained_bundle(tmp_path_factory) -> Path:
     _, features = predict_outputs(model, films)
     guard = OODGuard.fit(features[:36], features[36:])
     path = tmp_path_factory.mktemp("bundles") / "untrained"
-    config = {
-        "backbone": "tf_efficientnet_lite0",
-        "classes": ["Covid", "Normal", "Viral Pneumonia"],
-        "input_size": 224,
-        "normalization": model.normalization(),
-        "ood": guard.config(),
-        "referral": {"threshold": 0.95},
-    }
+    config = BundleConfig(
+        backbone="tf_efficientnet_lite0",
+        classes=["Covid", "Normal", "Viral Pneumonia"],
+        input_size=224,
+        normalization=model.normalization(),
+        ood=guard.config(),
+        referral={"threshold": 0.95},
+    )
     return save_bundle(path, model, config, files={FILE: guard.to_bytes()})
 
 
 @pytest.fixture(scope="session")
-def trained_run(dataset_dir, tmp_path_factory) -> dict:
+def trained_run(dataset_dir, tmp_path_factory):
     """One default training run on the dataset (about 3 minutes on 2 cores), shared by all tests."""
-    from covid_xray.training import TrainConfig, train_run
+    from covid_xray.config import TrainConfig
+    from covid_xray.training import train_run
 
     out = tmp_path_factory.mktemp("run")
     # The default schedule (16 epochs, early stopping): a shorter one under-trains with the zoom

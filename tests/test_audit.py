@@ -15,14 +15,11 @@ import pytest
 from _images import xray_like
 from PIL import Image, ImageEnhance
 
-from covid_xray.audit import (
-    audit_dataset,
-    leaked_test_paths,
-    lung_field_mask,
-    masked_explanation,
-    masked_probe,
-)
+from covid_xray.audit import audit_dataset
 from covid_xray.data import discover
+from covid_xray.duplicates import leaked_test_paths
+from covid_xray.evaluation import lung_field_mask, masked_probe
+from covid_xray.report import masked_explanation
 
 
 def _tree(root: Path, split: str, per_class: int, first_seed: int, size: int = 72) -> None:
@@ -154,8 +151,10 @@ def test_audit_command(planted, tmp_path):
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "dataset not found" in missing.stderr
 
 
+@pytest.mark.integration
 def test_training_and_evaluate_report_metrics_with_and_without_leaked_images(planted, tmp_path):
-    from covid_xray.training import TrainConfig, train_run
+    from covid_xray.config import TrainConfig
+    from covid_xray.training import train_run
 
     data = tmp_path / "data"
     shutil.copytree(planted, data)
@@ -170,7 +169,7 @@ def test_training_and_evaluate_report_metrics_with_and_without_leaked_images(pla
     assert metrics["test"]["n"] == 10 and metrics["test_dedup"]["n"] == 8
     assert metrics["test_dedup"]["excluded"] == ["test/A/exact_copy.png", "test/B/near_copy.jpg"]
     assert set(metrics["test_masked"]) == {"full", "centre_hidden", "centre_only", "majority_rate", "n"}
-    report = result["report"].read_text()
+    report = result.report.read_text()
     for heading in ("## Test results without leaked images", "## Shortcut probe: masked lung field", "## Dataset audit",
                     "### Shortcut probe: metadata only"):
         assert heading in report
@@ -178,7 +177,7 @@ def test_training_and_evaluate_report_metrics_with_and_without_leaked_images(pla
 
     evaluated = _cli("evaluate", tmp_path / "run/model", "--data", data, "--json", "--bootstrap", "20")
     assert evaluated.returncode == 0, evaluated.stderr
-    dedup = json.loads(evaluated.stdout)["dedup"]
+    dedup = json.loads(evaluated.stdout)["test_dedup"]
     assert dedup["n"] == 8 and dedup["accuracy"] == metrics["test_dedup"]["accuracy"]
     assert dedup["excluded"] == metrics["test_dedup"]["excluded"]
     table = _cli("evaluate", tmp_path / "run/model", "--data", data, "--bootstrap", "20").stdout

@@ -18,8 +18,7 @@ def test_round_trip_gives_identical_probabilities(untrained_bundle, tmp_path):
 
     model, config = load_bundle(untrained_bundle)
     guard = (untrained_bundle / OOD_FILE).read_bytes()
-    copy = save_bundle(tmp_path / "copy", model, {k: v for k, v in config.items() if k not in ("files", "format_version", "package_version")},
-                       files={OOD_FILE: guard})
+    copy = save_bundle(tmp_path / "copy", model, config, files={OOD_FILE: guard})
     images = [encode(xray_like(300, seed=i)) for i in range(4)]
     a = Predictor.from_bundle(untrained_bundle).predict(images)
     b = Predictor.from_bundle(copy).predict(images)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from covid_xray.evaluation import (
+from covid_xray.calibration import (
     expected_calibration_error,
     fit_temperature,
     refer,

@@ -25,13 +25,34 @@ def covid_xray(*args, check=True, **kw) -> subprocess.CompletedProcess:
 
 
 def test_train_options_default_to_train_config_and_can_turn_each_setting_off():
-    from covid_xray.cli import build_parser, train_config
-    from covid_xray.training import TrainConfig
+    from covid_xray.cli import build_parser
+    from covid_xray.config import TrainConfig, train_config
 
-    # The parser spells its defaults out (importing training would slow every command's start): keep them in step.
     assert train_config(build_parser().parse_args(["train"])) == TrainConfig()
     off = train_config(build_parser().parse_args(["train", "--no-fp32-depthwise", "--freeze-stride", "0", "--no-amp"]))
     assert (off.fp32_depthwise, off.freeze_stride, off.amp) == (False, 0, False)
+
+
+def test_train_and_the_sagemaker_entry_point_take_every_setting_from_one_definition():
+    import dataclasses
+
+    from covid_xray.cli import build_parser
+    from covid_xray.config import TrainConfig, setting_types, train_config
+    from covid_xray.sagemaker.entry import SageMakerEnv
+    from covid_xray.sagemaker.entry import build_parser as entry_parser
+
+    changed = {int: 3, float: 0.5, str: "x"}
+    for f in dataclasses.fields(TrainConfig):
+        kind, default = setting_types()[f.name], getattr(TrainConfig(), f.name)
+        value = (not default) if kind is bool else changed[kind]
+        flag = "--" + f.name.replace("_", "-")
+        cli_args = [flag if value else f"--no-{flag[2:]}"] if kind is bool else [flag, str(value)]
+        want = TrainConfig(**{f.name: value})
+        assert train_config(build_parser().parse_args(["train", *cli_args])) == want, f.name
+        for spelling in {flag, f"--{f.name}"}:  # SDK users write hyperparameter names either way
+            args = entry_parser(SageMakerEnv.from_environ({})).parse_args([spelling, str(value)])
+            assert train_config(args) == want, spelling
+        assert f.metadata["help"], f"{f.name} has no help text"
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +69,7 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.integration
 def test_train_writes_bundle_metrics_report_and_plots(tiny_run):
     for name in ["model/model.safetensors", "model/model.onnx", "model/config.json", "model/ood.safetensors",
                  "model/MODEL_CARD.md", "metrics.json", "report.md", "splits.csv", "confusion_test.png", "roc_test.png",
@@ -64,6 +86,7 @@ def test_train_writes_bundle_metrics_report_and_plots(tiny_run):
     assert "test split was used for nothing but this evaluation" in (tiny_run / "report.md").read_text()
 
 
+@pytest.mark.integration
 def test_training_fits_calibration_ood_guard_and_referral_and_writes_a_model_card(tiny_run):
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     config = json.loads((tiny_run / "model/config.json").read_text())
@@ -81,6 +104,7 @@ def test_training_fits_calibration_ood_guard_and_referral_and_writes_a_model_car
     assert f"T = {temperature:.3f}" in card and "## Calibration" in (tiny_run / "report.md").read_text()
 
 
+@pytest.mark.integration
 def test_predict_json_and_table(tiny_run, tmp_path):
     image = tmp_path / "x.png"
     xray_like(120).save(image)
@@ -91,10 +115,11 @@ def test_predict_json_and_table(tiny_run, tmp_path):
     assert str(image) in table and rows[0]["label"] in table
 
 
+@pytest.mark.integration
 def test_evaluate_reproduces_the_test_metrics(tiny_run, tiny_data):
     metrics = json.loads(covid_xray("evaluate", tiny_run / "model", "--data", tiny_data, "--json", "--bootstrap", "50").stdout)
     saved = json.loads((tiny_run / "metrics.json").read_text())["test"]
-    assert metrics["accuracy"] == saved["accuracy"] and metrics["n"] == saved["n"]
+    assert metrics["test"]["accuracy"] == saved["accuracy"] and metrics["test"]["n"] == saved["n"]
 
 
 @pytest.mark.parametrize(
@@ -116,6 +141,7 @@ def test_user_errors_are_one_line_without_traceback(args, message, tiny_data, tm
     assert len(lines) == 1 and message in lines[0]
 
 
+@pytest.mark.integration
 def test_predict_marks_unreadable_files_and_exits_nonzero(tiny_run, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
@@ -124,6 +150,7 @@ def test_predict_marks_unreadable_files_and_exits_nonzero(tiny_run, tmp_path):
     assert "not an image" in json.loads(result.stdout)[0]["error"]
 
 
+@pytest.mark.integration
 def test_killed_run_resumes_to_the_same_result(tiny_data, tmp_path):
     """kill -9 after the first checkpoint, --resume, and end where an uninterrupted run ends."""
     args = ["train", "--data", tiny_data, *TINY, "--epochs", "4", "--patience", "10"]

@@ -10,7 +10,8 @@ import pytest
 from _images import encode, make_class_tree, xray_like
 from PIL import Image
 
-from covid_xray.data import decode_samples, discover, load_image, resolve_data_dir
+from covid_xray.data import discover, resolve_data_dir
+from covid_xray.images import decode_samples, load_image
 from covid_xray.errors import DataError, ImageError
 
 BASE = xray_like(128)

@@ -6,7 +6,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from _images import make_class_tree
+
+pytestmark = pytest.mark.integration
 
 
 def test_two_process_run_writes_one_bundle_with_whole_split_metrics(tmp_path):
@@ -22,4 +25,4 @@ def test_two_process_run_writes_one_bundle_with_whole_split_metrics(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["n"] == config["data"]["counts"]["test"]
     assert metrics["val"]["n"] == config["data"]["counts"]["val"]
-    assert not list(tmp_path.rglob("*.tmp"))  # no half-written files left behind
+    assert not list(tmp_path.rglob("*.tmp*"))  # no half-written files left behind

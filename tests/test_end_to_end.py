@@ -12,19 +12,19 @@ pytestmark = pytest.mark.slow
 
 
 def test_default_training_reaches_90_percent_on_the_test_split(trained_run):
-    test = trained_run["metrics"]["test"]
+    test = trained_run.metrics["test"]
     assert test["n"] == 66
     assert test["accuracy"] >= 0.90, test
     lo, hi = test["ci95"]["accuracy"]
     assert lo <= test["accuracy"] <= hi
-    saved = json.loads((trained_run["run_dir"] / "metrics.json").read_text())
+    saved = json.loads((trained_run.run_dir / "metrics.json").read_text())
     assert saved["test"]["accuracy"] == test["accuracy"] and "val" in saved
 
 
 def test_bundle_predicts_real_test_images_from_the_command_line(trained_run, dataset_dir):
     images = sorted((dataset_dir / "test" / "Viral Pneumonia").iterdir())[:2] + sorted((dataset_dir / "test" / "Normal").iterdir())[:2]
     result = subprocess.run(
-        [sys.executable, "-m", "covid_xray.cli", "predict", str(trained_run["run_dir"] / "model"), *map(str, images), "--json"],
+        [sys.executable, "-m", "covid_xray.cli", "predict", str(trained_run.run_dir / "model"), *map(str, images), "--json"],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr

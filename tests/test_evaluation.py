@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from covid_xray.evaluation import compute_metrics, metrics_table
+from covid_xray.metrics import compute_metrics
+from covid_xray.report import metrics_table
 
 CLASSES = ["Covid", "Normal", "Viral Pneumonia"]
 
@@ -59,7 +60,7 @@ def test_auc_agrees_with_scikit_learn():
 def test_auc_equals_scikit_learn_with_and_without_ties():
     from sklearn.metrics import roc_auc_score
 
-    from covid_xray.evaluation import _auc
+    from covid_xray.metrics import _auc
 
     rng = np.random.default_rng(2)
     for n in (2, 5, 40, 200):

@@ -85,8 +85,8 @@ def intra_op_threads(session) -> int:
 
 
 def test_onnx_sessions_get_the_cores_the_server_gives_each_worker(exported):
-    from covid_xray.inference import cpu_count
     from covid_xray.server import ModelState, ServerSettings
+    from covid_xray.util import cpu_count
 
     default = Predictor.from_bundle(exported, backend="onnx-int8")
     assert intra_op_threads(default.onnx.session) == intra_op_threads(default.onnx.fallback.session) == cpu_count()
@@ -161,14 +161,15 @@ def test_tampered_or_unrecorded_onnx_is_refused(exported, tmp_path):
 def trained_exported(trained_run, dataset_dir, tmp_path_factory) -> Path:
     from covid_xray.export import export_bundle
 
-    bundle = shutil.copytree(trained_run["run_dir"] / "model", tmp_path_factory.mktemp("trained") / "model")
+    bundle = shutil.copytree(trained_run.run_dir / "model", tmp_path_factory.mktemp("trained") / "model")
     export_bundle(bundle, int8=True, data=dataset_dir, log=lambda m: None)
     return bundle
 
 
 @pytest.fixture(scope="module")
 def test_split(trained_exported, dataset_dir):
-    from covid_xray.data import decode_samples, discover
+    from covid_xray.data import discover
+    from covid_xray.images import decode_samples
 
     config = json.loads((trained_exported / "config.json").read_text())
     decoded = decode_samples(discover(dataset_dir)["test"], config["input_size"])

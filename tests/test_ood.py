@@ -60,7 +60,7 @@ def _png(array: np.ndarray) -> bytes:
 def predictor(trained_run):
     from covid_xray.inference import Predictor
 
-    return Predictor.from_bundle(trained_run["run_dir"] / "model")
+    return Predictor.from_bundle(trained_run.run_dir / "model")
 
 
 @pytest.mark.slow
@@ -83,10 +83,10 @@ def test_guard_flags_photos_documents_noise_and_other_modalities(predictor):
 def test_guard_passes_the_test_xrays_and_a_chest_film_from_another_scanner(predictor, dataset_dir):
     from pydicom.data import get_testdata_file
 
-    from covid_xray.bundle import bundle_dataset
-    from covid_xray.data import decode_samples
+    from covid_xray.evaluation import trained_dataset
+    from covid_xray.images import decode_samples
 
-    test = decode_samples(bundle_dataset(predictor.config, dataset_dir)["test"], predictor.size).images[:]
+    test = decode_samples(trained_dataset(predictor.config, dataset_dir)["test"], predictor.size).images[:]
     flagged = [r["ood"] for r in map(predictor.result, predictor.score(test))]
     assert np.mean(flagged) <= 0.05
     # NEMA WG04 RG1: a computed-radiography chest film from another hospital, as DICOM.

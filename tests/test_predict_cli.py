@@ -15,7 +15,7 @@ from _images import encode, xray_like
 from PIL import Image
 
 from covid_xray import cli
-from covid_xray.batch import PredictionCSV, expand_paths, iter_predictions
+from covid_xray.bulk_predict import PredictionCSV, expand_paths, iter_predictions
 from covid_xray.errors import CovidXrayError
 from covid_xray.inference import Predictor
 

@@ -17,7 +17,8 @@ import pytest
 from _images import encode, make_class_tree, xray_like
 
 from covid_xray.errors import CovidXrayError
-from covid_xray.sagemaker import entry, launcher
+from covid_xray.sagemaker import endpoints, entry, jobs, launcher, local_process
+from covid_xray.sagemaker import sdk as sdk_objects  # not `sdk`: that is the fixture below, the SageMaker SDK
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -50,7 +51,7 @@ def container_run(channels, tmp_path_factory) -> dict:
     """train.py run as AWS's training container runs it: from the staged source_dir, with only
     that folder on the path, the SM_* variables, and the hyperparameters as --name value."""
     root = tmp_path_factory.mktemp("opt_ml")
-    code = launcher.stage_source_dir(root / "code")
+    code = jobs.stage_source_dir(root / "code")
     model, output = root / "model", root / "output" / "data"
     model.mkdir()
     output.mkdir(parents=True)
@@ -66,6 +67,7 @@ def container_run(channels, tmp_path_factory) -> dict:
     return {"model": model, "output": output, "stdout": result.stdout}
 
 
+@pytest.mark.integration
 def test_entry_point_writes_the_bundle_with_serving_code_and_reports_apart(container_run):
     model, output = container_run["model"], container_run["output"]
     # model.onnx: train adds the ONNX graph when the onnx extra is installed (it is, for the tests).
@@ -84,6 +86,7 @@ def test_entry_point_writes_the_bundle_with_serving_code_and_reports_apart(conta
     assert config["hyperparameters"]["amp"] is False and config["hyperparameters"]["epochs"] == 1
 
 
+@pytest.mark.integration
 def test_entry_point_prints_every_metric_its_definitions_scrape(container_run):
     definitions = entry.metric_definitions(CLASSES)
     scraped = entry.scrape_metrics(container_run["stdout"].splitlines(), definitions)
@@ -92,9 +95,10 @@ def test_entry_point_prints_every_metric_its_definitions_scrape(container_run):
     assert scraped["test_accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-4)
     assert scraped["test_b_sensitivity"] == pytest.approx(metrics["per_class"]["B"]["sensitivity"])
     # Local mode rebuilds the same metrics from output.tar.gz's metrics.json (its log goes to the console).
-    assert launcher._metrics_from_output(container_run["output"]) == {k: v for k, v in scraped.items() if k != "train_seconds"}
+    assert sdk_objects._metrics_from_output(container_run["output"]) == {k: v for k, v in scraped.items() if k != "train_seconds"}
 
 
+@pytest.mark.integration
 def test_model_serves_as_is_with_only_its_code_folder_on_the_path(container_run):
     """What the PyTorch serving container does: code/ on sys.path, import inference, call the four
     handlers. covid_xray must come from code/, not from an installed package."""
@@ -168,7 +172,7 @@ def test_container_requirements_are_project_dependencies():
 @pytest.fixture
 def sdk():
     pytest.importorskip("sagemaker", reason="the SageMaker SDK is not installed: pip install -e '.[sagemaker]'")
-    return launcher._sdk()
+    return sdk_objects._sdk()
 
 
 @pytest.fixture
@@ -186,7 +190,7 @@ def offline_boto(sdk):
 
 @pytest.fixture
 def source_dir(tmp_path) -> Path:
-    return launcher.stage_source_dir(tmp_path / "source")
+    return jobs.stage_source_dir(tmp_path / "source")
 
 
 def test_source_dir_holds_train_py_the_package_and_requirements(source_dir):
@@ -198,18 +202,18 @@ def test_source_dir_holds_train_py_the_package_and_requirements(source_dir):
 def test_local_mode_estimator(sdk, offline_boto, source_dir):
     session = sdk.local.LocalSession(boto_session=offline_boto)
     session.config = {"local": {"local_code": True}}
-    estimator = launcher.build_estimator(
+    estimator = sdk_objects.build_estimator(
         "local", source_dir=source_dir, hyperparameters={"epochs": 2, "image-size": 160},
         session=session, output_path="file:///tmp/covid-xray-out",
     )
     assert isinstance(estimator, sdk.pytorch.PyTorch)
     assert estimator.entry_point == "train.py"
     assert estimator.source_dir == str(source_dir)
-    assert estimator.framework_version == launcher.FRAMEWORK_VERSION == "2.6.0"
-    assert estimator.py_version == launcher.PY_VERSION == "py312"
+    assert estimator.framework_version == sdk_objects.FRAMEWORK_VERSION == "2.6.0"
+    assert estimator.py_version == sdk_objects.PY_VERSION == "py312"
     assert estimator.instance_type == "local"
     assert estimator.instance_count == 1
-    assert estimator.role == launcher.LOCAL_ROLE
+    assert estimator.role == sdk_objects.LOCAL_ROLE
     assert estimator.hyperparameters() == {"epochs": "2", "image-size": "160"}
     assert estimator.metric_definitions == entry.metric_definitions()
     assert estimator.output_path == "file:///tmp/covid-xray-out"
@@ -236,7 +240,7 @@ def test_local_mode_estimator(sdk, offline_boto, source_dir):
 def test_local_mode_with_several_instances_runs_under_torchrun(sdk, offline_boto, source_dir):
     session = sdk.local.LocalSession(boto_session=offline_boto)
     session.config = {"local": {"local_code": True}}
-    estimator = launcher.build_estimator("local", source_dir=source_dir, instance_count=2, session=session)
+    estimator = sdk_objects.build_estimator("local", source_dir=source_dir, instance_count=2, session=session)
     assert estimator.distribution == {"torch_distributed": {"enabled": True}}
     # CPU hosts: the image is named so the SDK accepts torch_distributed (it does not on CPU types otherwise).
     assert estimator.image_uri == "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:2.6.0-cpu-py312"
@@ -251,7 +255,7 @@ def test_local_mode_with_several_instances_runs_under_torchrun(sdk, offline_boto
 def test_managed_estimator(sdk, offline_boto, source_dir):
     session = sdk.Session(boto_session=offline_boto, default_bucket="covid-xray-test-bucket")
     role = "arn:aws:iam::123456789012:role/SageMakerRole"
-    estimator = launcher.build_estimator(
+    estimator = sdk_objects.build_estimator(
         "ml.m5.xlarge", source_dir=source_dir, hyperparameters={"epochs": 12}, role=role, session=session,
     )
     assert isinstance(estimator, sdk.pytorch.PyTorch)
@@ -269,13 +273,13 @@ def test_managed_estimator(sdk, offline_boto, source_dir):
     assert estimator.distribution == {}
     assert estimator.training_image_uri() == "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:2.6.0-cpu-py312"
 
-    gpus = launcher.build_estimator("ml.g5.2xlarge", source_dir=source_dir, instance_count=4, role=role, session=session)
+    gpus = sdk_objects.build_estimator("ml.g5.2xlarge", source_dir=source_dir, instance_count=4, role=role, session=session)
     assert gpus.instance_count == 4
     assert gpus.distribution == {"torch_distributed": {"enabled": True}}
     assert gpus.image_uri is None  # GPU types: the SDK picks the image itself
     assert gpus.training_image_uri() == "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-training:2.6.0-gpu-py312"
 
-    cpus = launcher.build_estimator("ml.c5.2xlarge", source_dir=source_dir, instance_count=2, role=role, session=session)
+    cpus = sdk_objects.build_estimator("ml.c5.2xlarge", source_dir=source_dir, instance_count=2, role=role, session=session)
     assert cpus.distribution == {"torch_distributed": {"enabled": True}}
     assert cpus.image_uri.endswith("/pytorch-training:2.6.0-cpu-py312")
 
@@ -283,7 +287,7 @@ def test_managed_estimator(sdk, offline_boto, source_dir):
 def test_models_serve_the_tarball_as_is(sdk, offline_boto):
     session = sdk.local.LocalSession(boto_session=offline_boto)
     session.config = {"local": {"local_code": True}}
-    model = launcher.build_model("local", "file:///tmp/job/model.tar.gz", session=session)
+    model = sdk_objects.build_model("local", "file:///tmp/job/model.tar.gz", session=session)
     assert isinstance(model, sdk.pytorch.PyTorchModel)
     container = model.prepare_container_def(instance_type="local")
     assert container["Image"] == "763104351884.dkr.ecr.eu-west-1.amazonaws.com/pytorch-inference:2.6.0-cpu-py312"
@@ -291,23 +295,23 @@ def test_models_serve_the_tarball_as_is(sdk, offline_boto):
     assert container["Environment"]["SAGEMAKER_PROGRAM"] == "inference.py"
     assert container["Environment"]["SAGEMAKER_SUBMIT_DIRECTORY"] == "/opt/ml/model/code"
 
-    managed = launcher.build_model(
+    managed = sdk_objects.build_model(
         "ml.m5.large", "s3://bucket/job/output/model.tar.gz", role="arn:aws:iam::123456789012:role/R",
         session=sdk.Session(boto_session=offline_boto),
     )
     assert managed.entry_point is None  # nothing to repack or upload
     assert (managed.framework_version, managed.py_version) == ("2.6.0", "py312")
     assert managed.model_data == "s3://bucket/job/output/model.tar.gz"
-    assert managed.env == launcher.SERVING_ENV
+    assert managed.env == sdk_objects.SERVING_ENV
 
 
 # --- one clear sentence for each thing that is missing -------------------------------------------
 
 
 def test_missing_docker_is_one_sentence(sdk, monkeypatch):
-    monkeypatch.setattr(launcher, "docker_available", lambda: False)
+    monkeypatch.setattr(sdk_objects, "docker_available", lambda: False)
     with pytest.raises(CovidXrayError, match=r"^SageMaker local mode needs Docker.*local-process") as info:
-        launcher.make_session("local")
+        sdk_objects.make_session("local")
     assert "\n" not in str(info.value)
 
 
@@ -318,15 +322,15 @@ def test_missing_credentials_and_region_are_one_sentence_each(sdk, monkeypatch, 
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     with pytest.raises(CovidXrayError, match=r"^no AWS credentials found"):
-        launcher.make_session("ml.m5.xlarge", region="us-east-1")
+        sdk_objects.make_session("ml.m5.xlarge", region="us-east-1")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "example")
     with pytest.raises(CovidXrayError, match=r"^no AWS region configured"):
-        launcher.make_session("ml.m5.xlarge")
+        sdk_objects.make_session("ml.m5.xlarge")
 
 
 def test_missing_role_is_one_sentence(sdk, offline_boto, source_dir, monkeypatch):
-    monkeypatch.delenv(launcher.ROLE_ENV, raising=False)
+    monkeypatch.delenv(sdk_objects.ROLE_ENV, raising=False)
 
     def not_a_role(session):  # what the SDK says on a laptop, where the caller is a user, not a role
         raise ValueError("The current AWS identity is not a role")
@@ -334,21 +338,21 @@ def test_missing_role_is_one_sentence(sdk, offline_boto, source_dir, monkeypatch
     monkeypatch.setattr(sdk, "get_execution_role", not_a_role)
     session = sdk.Session(boto_session=offline_boto)
     with pytest.raises(CovidXrayError, match=r"^no SageMaker execution role: pass --role"):
-        launcher.build_estimator("ml.m5.xlarge", source_dir=source_dir, session=session)
-    monkeypatch.setenv(launcher.ROLE_ENV, "arn:aws:iam::123456789012:role/FromEnv")
-    assert launcher.build_estimator("ml.m5.xlarge", source_dir=source_dir, session=session).role.endswith("/FromEnv")
+        sdk_objects.build_estimator("ml.m5.xlarge", source_dir=source_dir, session=session)
+    monkeypatch.setenv(sdk_objects.ROLE_ENV, "arn:aws:iam::123456789012:role/FromEnv")
+    assert sdk_objects.build_estimator("ml.m5.xlarge", source_dir=source_dir, session=session).role.endswith("/FromEnv")
 
 
 def test_missing_sdk_is_one_sentence(monkeypatch):
     monkeypatch.setitem(sys.modules, "sagemaker", None)  # what an environment without the extra sees
     with pytest.raises(CovidXrayError, match=r"SageMaker Python SDK is not installed.*covid-xray\[sagemaker\]"):
-        launcher.make_session("ml.m5.xlarge")
+        sdk_objects.make_session("ml.m5.xlarge")
 
 
 def test_cli_prints_the_sentence_not_a_traceback(monkeypatch, capsys, channels, tmp_path):
     from covid_xray import cli
 
-    monkeypatch.setattr(launcher, "docker_available", lambda: False)
+    monkeypatch.setattr(sdk_objects, "docker_available", lambda: False)
     pytest.importorskip("sagemaker", reason="the SageMaker SDK is not installed")
     status = cli.main(["sagemaker", "train", "--instance-type", "local", "--train", str(channels["train"]),
                        "--job-dir", str(tmp_path), "--epochs", "1"])
@@ -362,17 +366,17 @@ def test_cli_prints_the_sentence_not_a_traceback(monkeypatch, capsys, channels, 
 
 
 def test_a_local_mode_endpoint_is_deleted_by_its_deploy_command():
-    endpoint = launcher.endpoint_from_state({"kind": "local", "name": "covid-xray-x", "url": launcher.LOCAL_MODE_URL})
-    assert isinstance(endpoint, launcher.LocalModeEndpoint) and endpoint.url == "http://localhost:8080"
+    endpoint = endpoints.endpoint_from_state({"kind": "local", "name": "covid-xray-x", "url": endpoints.LOCAL_MODE_URL})
+    assert isinstance(endpoint, endpoints.LocalModeEndpoint) and endpoint.url == "http://localhost:8080"
     with pytest.raises(CovidXrayError, match="press Ctrl-C there"):
         endpoint.delete_endpoint()
 
 
 def test_local_gpu_runs_one_instance():
     with pytest.raises(CovidXrayError, match="local_gpu"):
-        launcher.check_instance_type("local_gpu", 2)
+        jobs.check_instance_type("local_gpu", 2)
     with pytest.raises(CovidXrayError, match="unknown instance type"):
-        launcher.check_instance_type("m5.large")
+        jobs.check_instance_type("m5.large")
 
 
 # --- local-process end to end --------------------------------------------------------------------
@@ -385,6 +389,7 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.integration
 def test_cli_train_deploy_predict_cleanup(channels, tmp_path):
     data = channels["train"].parent  # DIR/train and DIR/test: the two channels
     job_dir = tmp_path / "job"
@@ -420,11 +425,12 @@ def test_cli_train_deploy_predict_cleanup(channels, tmp_path):
         assert all(r["label"] in CLASSES and set(r["probabilities"]) == set(CLASSES) for r in rows)
         run_cli("sagemaker", "cleanup", "--job-dir", str(job_dir))
         assert json.loads((job_dir / "sagemaker.json").read_text())["endpoint"] is None
-        assert not launcher._serves(endpoint["pid"], endpoint["model_dir"])
+        assert not endpoints._serves(endpoint["pid"], endpoint["model_dir"])
     finally:
-        launcher.LocalProcessEndpoint(endpoint["url"], endpoint["pid"], endpoint["model_dir"]).delete_endpoint()
+        endpoints.LocalProcessEndpoint(endpoint["url"], endpoint["pid"], endpoint["model_dir"]).delete_endpoint()
 
 
+@pytest.mark.integration
 def test_python_api_train_deploy_predict_delete(channels, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONPATH", str(SRC))
@@ -449,11 +455,12 @@ def test_python_api_train_deploy_predict_delete(channels, tmp_path, monkeypatch)
             predictor.predict(b"not an image")
     finally:
         predictor.delete_endpoint()
-    assert not launcher._serves(predictor.pid, predictor.model_dir)
+    assert not endpoints._serves(predictor.pid, predictor.model_dir)
     with pytest.raises(CovidXrayError, match="no endpoint answering"):
         predictor.predict(b"x")
 
 
+@pytest.mark.integration
 def test_two_instances_train_under_torchrun_and_write_one_model(channels, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(SRC))
     lines: list[str] = []
@@ -468,16 +475,17 @@ def test_two_instances_train_under_torchrun_and_write_one_model(channels, tmp_pa
     assert sum("test_accuracy=" in line for line in lines) == 1  # only rank 0 reports
 
 
+@pytest.mark.integration
 def test_entry_point_joins_sm_hosts_itself_when_started_without_torchrun(channels, tmp_path):
     """A two-host job without `torch_distributed`: SageMaker starts train.py plainly on each host,
     and the entry point starts torchrun itself from SM_HOSTS / SM_CURRENT_HOST."""
-    code = launcher.stage_source_dir(tmp_path / "code")
+    code = jobs.stage_source_dir(tmp_path / "code")
     model, output = tmp_path / "model", tmp_path / "output"
     env = {
         **subprocess_env(), "PYTHONPATH": str(code),
         "SM_CHANNEL_TRAIN": str(channels["train"]), "SM_CHANNEL_TEST": str(channels["test"]),
         "SM_MODEL_DIR": str(model), "SM_OUTPUT_DATA_DIR": str(output), "SM_HOSTS": '["algo-1", "algo-2"]',
-        "SM_NUM_GPUS": "0", "SM_MASTER_ADDR": "127.0.0.1", "SM_MASTER_PORT": str(launcher.free_port()),
+        "SM_NUM_GPUS": "0", "SM_MASTER_ADDR": "127.0.0.1", "SM_MASTER_PORT": str(local_process.free_port()),
     }
     hosts = [
         subprocess.Popen([PY, "train.py", *entry.hyperparameter_args(QUICK)], cwd=code, env={**env, "SM_CURRENT_HOST": host},
@@ -492,11 +500,12 @@ def test_entry_point_joins_sm_hosts_itself_when_started_without_torchrun(channel
 
 def test_simulated_hosts_never_share_a_gpu(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4")
-    assert launcher._share_gpus(1) == [["0", "1", "2", "3", "4"]]
-    assert launcher._share_gpus(2) == [["0", "1"], ["2", "3"]]
-    assert launcher._share_gpus(8) == [[]] * 8  # fewer GPUs than hosts: CPU hosts
+    assert local_process._share_gpus(1) == [["0", "1", "2", "3", "4"]]
+    assert local_process._share_gpus(2) == [["0", "1"], ["2", "3"]]
+    assert local_process._share_gpus(8) == [[]] * 8  # fewer GPUs than hosts: CPU hosts
 
 
+@pytest.mark.integration
 def test_a_failing_job_says_where_and_the_log_says_why(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(SRC))
     data = make_class_tree(tmp_path / "data", ["Only"], per_class=3, size=32)

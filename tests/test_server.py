@@ -18,7 +18,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from covid_xray.inference import Predictor
-from covid_xray.server import Batcher, QueueFull, ServerSettings, create_app
+from covid_xray.batcher import Batcher, QueueFull
+from covid_xray.server import ServerSettings, create_app
 
 SETTINGS = ServerSettings(max_body_bytes=2 * 1024 * 1024, max_instances=4, queue_size=8)
 CLIENT_ERRORS = {400, 406, 413, 415, 422}
@@ -379,7 +380,7 @@ def test_trained_bundle_served_scores_like_its_evaluation(trained_run, dataset_d
     training reported, so nothing in the serving path changes what the model sees."""
     from covid_xray.data import discover
 
-    bundle = trained_run["run_dir"] / "model"
+    bundle = trained_run.run_dir / "model"
     dataset = discover(dataset_dir)
     samples = dataset["test"]
     labels: list[str] = []
@@ -391,6 +392,6 @@ def test_trained_bundle_served_scores_like_its_evaluation(trained_run, dataset_d
             assert r.status_code == 200, r.text
             labels += [p["label"] for p in r.json()["predictions"]]
     accuracy = np.mean([label == dataset.classes[s.label] for label, s in zip(labels, samples, strict=True)])
-    reported = trained_run["metrics"]["test"]
+    reported = trained_run.metrics["test"]
     assert len(samples) == reported["n"]
     assert accuracy == pytest.approx(reported["accuracy"], abs=1.01 / reported["n"])  # at most one borderline flip

@@ -4,31 +4,37 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
 from _images import make_class_tree
 from torch import nn
 
 from covid_xray import data as data_mod
+from covid_xray.images import decode_samples
+from covid_xray.config import TrainConfig
 from covid_xray.models import create_model
-from covid_xray.training import TrainConfig, fit, slow_bf16_convs_in_fp32
+from covid_xray.runtime import slow_bf16_convs_in_fp32
+from covid_xray.training import fit
 
 
+@pytest.mark.integration
 def test_no_epoch_before_min_epochs_is_selected_or_stops_the_run(tmp_path):
     dataset = data_mod.discover(make_class_tree(tmp_path / "data", per_class=10, size=48), val_fraction=0.2)
-    train, val = (data_mod.decode_samples(dataset[s], 48, cache_dir=tmp_path / "cache") for s in ("train", "val"))
+    train, val = (decode_samples(dataset[s], 48, cache_dir=tmp_path / "cache") for s in ("train", "val"))
     # Patience 0 alone would end the run before its first epoch: only min_epochs keeps it going.
     cfg = TrainConfig(weights="none", image_size=48, batch_size=4, epochs=5, patience=0, min_epochs=3, amp=False)
     (tmp_path / "run").mkdir()
     result = fit(create_model(cfg.backbone, 3, cfg.weights), train, val, cfg, tmp_path / "run", log=lambda m: None)
 
-    eligible = [h for h in result["history"] if h["epoch"] >= 3]
-    assert result["best_epoch"] >= 3 and len(result["history"]) >= 3
-    assert result["best_val_loss"] == min(h["val_loss"] for h in eligible)
+    eligible = [h for h in result.history if h["epoch"] >= 3]
+    assert result.best_epoch >= 3 and len(result.history) >= 3
+    assert result.best_val_loss == min(h["val_loss"] for h in eligible)
 
 
+@pytest.mark.integration
 def test_freeze_stride_keeps_the_early_pretrained_layers_fixed_and_trains_the_rest(tmp_path):
     dataset = data_mod.discover(make_class_tree(tmp_path / "data", per_class=6, size=48), val_fraction=0.2)
-    train, val = (data_mod.decode_samples(dataset[s], 48, cache_dir=tmp_path / "cache") for s in ("train", "val"))
+    train, val = (decode_samples(dataset[s], 48, cache_dir=tmp_path / "cache") for s in ("train", "val"))
     runs = {}
     for weights in ("imagenet", "none"):  # random filters are never frozen: they would stay random
         cfg = TrainConfig(weights=weights, image_size=48, batch_size=8, epochs=1, min_epochs=1, amp=False, freeze_stride=4)
@@ -37,7 +43,7 @@ def test_freeze_stride_keeps_the_early_pretrained_layers_fixed_and_trains_the_re
         (tmp_path / weights).mkdir()
         result = fit(model, train, val, cfg, tmp_path / weights, log=lambda m: None)
         runs[weights] = {name for name, p in model.named_parameters() if torch.equal(before[name], p)}
-        assert result["frozen_parameters"] == sum(before[name].numel() for name in runs[weights])
+        assert result.frozen_parameters == sum(before[name].numel() for name in runs[weights])
 
     # tf_efficientnet_lite0 reaches 1/4 resolution at the end of its second stage (blocks.1).
     early = ("backbone.conv_stem.", "backbone.bn1.", "backbone.blocks.0.", "backbone.blocks.1.")

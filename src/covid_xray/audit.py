@@ -1,75 +1,36 @@
-"""Dataset audit: duplicates and leakage between splits, unreadable files, image properties per class,
-and shortcut probes (can trivial image properties, or the image outside the lungs, predict the class?).
-
-Every file is read once: its bytes give the SHA-256 (exact copies) and a 64×64 grayscale thumbnail
-gives a 256-bit perceptual hash (near copies: re-encoded, resized or contrast-changed versions).
+"""Dataset audit: duplicates and leakage between splits (found by `duplicates`), unreadable files, image
+properties per class, the class × source mix, and a shortcut probe on file metadata (can trivial image
+properties predict the class?), as JSON and Markdown. A data stage: it needs no trained model.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import os
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .data import Dataset, Sample, is_dicom, load_image
-from .errors import ImageError
-
-# phash over a 16×16 DCT block (256 bits). On chest films the 64-bit default puts different patients
-# within 4 bits of each other; at 256 bits the Kaggle set's true near copies are ≤ 24 bits apart and
-# distinct films ≥ 60, so 32 sits in the gap.
-HASH_SIZE = 16
-NEAR_THRESHOLD = 32
-THUMBNAIL = HASH_SIZE * 4  # phash's own working resolution: decoding straight to it skips a resample
+from .data import Dataset
+from .duplicates import (
+    HASH_SIZE,
+    NEAR_THRESHOLD,
+    FileInfo,
+    Leak,
+    NearPair,
+    find_exact_groups,
+    find_leaks,
+    find_near_pairs,
+    inspect_file,
+)
+from .util import cpu_count, relative_path
 # Cramér's V between source and class: Cohen's conventional "medium" and "large" effects.
 CONFOUNDING_WEAK, CONFOUNDING_STRONG = 0.2, 0.5
 PROBE_FEATURES = ("width", "height", "aspect ratio", "mode", "format", "file size", "mean intensity", "std intensity")
 INTENSITY_FEATURES = ("mean intensity", "std intensity")
-
-
-@dataclass(frozen=True)
-class FileInfo:
-    """What the audit learns from one file; `error` is set (and the rest empty) when it is unreadable."""
-
-    path: Path
-    split: str
-    label: str
-    source: str = ""
-    sha256: str = ""
-    phash: np.ndarray | None = field(default=None, compare=False, repr=False)  # HASH_SIZE² bools
-    width: int = 0
-    height: int = 0
-    mode: str = ""
-    format: str = ""
-    size_bytes: int = 0
-    mean: float = 0.0
-    std: float = 0.0
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class NearPair:
-    a: FileInfo
-    b: FileInfo
-    distance: int  # Hamming distance between the perceptual hashes, in bits
-
-
-@dataclass(frozen=True)
-class Leak:
-    """A test image that is an exact or near copy of an image the model trained or was selected on."""
-
-    path: Path
-    kind: str  # "exact" or "near"
-    copies: tuple[Path, ...]
-    distance: int  # 0 for exact copies
 
 
 @dataclass(frozen=True)
@@ -145,10 +106,7 @@ class AuditReport:
         return [p for p in self.near_pairs if p.a.label != p.b.label]
 
     def rel(self, path: Path) -> str:
-        try:
-            return path.relative_to(self.root).as_posix()
-        except ValueError:
-            return str(path)
+        return relative_path(path, self.root)
 
     def per_class(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
@@ -207,11 +165,11 @@ class AuditReport:
 def audit_dataset(dataset: Dataset, *, near_threshold: int = NEAR_THRESHOLD, probe: bool = True, seed: int = 0) -> AuditReport:
     """Audit every file of every split of a discovered dataset."""
     samples = [(s.path, split, dataset.classes[s.label], s.source) for split, items in dataset.splits.items() for s in items]
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
+    with ThreadPoolExecutor(max_workers=min(8, cpu_count())) as pool:  # Pillow decodes without the GIL
         files = list(pool.map(lambda t: inspect_file(*t), samples))
     readable = [f for f in files if not f.error]
-    exact_groups = _exact_groups(readable)
-    near_pairs = _near_pairs(readable, near_threshold)
+    exact_groups = find_exact_groups(readable)
+    near_pairs = find_near_pairs(readable, near_threshold)
     probe_result, skipped = None, None
     if probe:
         try:
@@ -220,116 +178,14 @@ def audit_dataset(dataset: Dataset, *, near_threshold: int = NEAR_THRESHOLD, pro
             skipped = str(e)
     return AuditReport(
         root=dataset.root, layout=dataset.layout, classes=list(dataset.classes), files=files,
-        exact_groups=exact_groups, near_pairs=near_pairs, leaks=_leaks(exact_groups, near_pairs),
+        exact_groups=exact_groups, near_pairs=near_pairs, leaks=find_leaks(exact_groups, near_pairs),
         probe=probe_result, probe_skipped=skipped, near_threshold=near_threshold,
         source_mix=source_mix(files, dataset.classes, dataset.holdout) if len(dataset.sources) > 1 else None,
     )
 
 
-def leaked_test_paths(report: AuditReport) -> set[Path]:
-    """Test images that are exact or near copies of a training or validation image."""
-    return {leak.path for leak in report.leaks}
-
-
-def metrics_without_leaks(
-    samples: list[Sample], probs: np.ndarray, report: AuditReport, *, n_boot: int = 1000, seed: int = 0
-) -> dict[str, Any] | None:
-    """Test metrics (as `evaluation.compute_metrics`) on the images that are not copies of training or
-    validation images, plus `excluded`: the paths left out. None when nothing would be left."""
-    from .evaluation import compute_metrics
-
-    leaked = leaked_test_paths(report)
-    keep = [i for i, s in enumerate(samples) if s.path not in leaked]
-    if not keep:
-        return None
-    metrics = compute_metrics([samples[i].label for i in keep], probs[keep], report.classes, n_boot=n_boot, seed=seed)
-    metrics["excluded"] = sorted(report.rel(s.path) for s in samples if s.path in leaked)
-    return metrics
-
-
-def inspect_file(path: Path, split: str, label: str, source: str = "") -> FileInfo:
-    """Read one file once: hashes, header properties and thumbnail statistics."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        return FileInfo(path, split, label, source, error=f"cannot read file ({e.strerror or e})")
-    try:
-        thumb = load_image(data, THUMBNAIL)
-        width, height, mode, fmt = _header(data)
-    except ImageError as e:
-        return FileInfo(path, split, label, source, error=str(e).split(": ", 1)[-1])
-    return FileInfo(
-        path, split, label, source, sha256=hashlib.sha256(data).hexdigest(), phash=_phash(thumb),
-        width=width, height=height, mode=mode, format=fmt, size_bytes=len(data),
-        mean=float(thumb.mean()), std=float(thumb.std()),
-    )
-
-
-def _header(data: bytes) -> tuple[int, int, str, str]:
-    """Width, height, mode and format as stored (not as decoded): these are what a shortcut would use."""
-    if is_dicom(data):
-        import pydicom
-
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        mode = f"{getattr(ds, 'PhotometricInterpretation', '?')} {getattr(ds, 'BitsStored', '?')}-bit"
-        return int(ds.Columns), int(ds.Rows), mode, "DICOM"
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:  # reads the header only
-        return img.width, img.height, img.mode, img.format or "?"
-
-
-def _phash(thumb: np.ndarray) -> np.ndarray:
-    import imagehash
-    from PIL import Image
-
-    return imagehash.phash(Image.fromarray(thumb), hash_size=HASH_SIZE).hash.flatten()
-
-
 def _cross_split(group: list[FileInfo]) -> bool:
     return len({f.split for f in group}) > 1
-
-
-def _exact_groups(files: list[FileInfo]) -> list[list[FileInfo]]:
-    by_hash: dict[str, list[FileInfo]] = defaultdict(list)
-    for f in files:
-        by_hash[f.sha256].append(f)
-    return sorted((g for g in by_hash.values() if len(g) > 1), key=lambda g: [str(f.path) for f in g])
-
-
-def _near_pairs(files: list[FileInfo], threshold: int, chunk: int = 256) -> list[NearPair]:
-    """All pairs with different bytes and perceptual hashes within `threshold` bits (all pairs compared)."""
-    if len(files) < 2:
-        return []
-    bits = np.stack([f.phash for f in files]).astype(np.float32)
-    inverse = 1.0 - bits
-    pairs = []
-    for start in range(0, len(files), chunk):  # rows in chunks: memory stays O(chunk · n) for large sets
-        block = bits[start : start + chunk]
-        distance = block @ inverse.T + (1.0 - block) @ bits.T  # Hamming distance as two matrix products
-        for i, j in zip(*np.nonzero(distance <= threshold)):
-            a, b = start + int(i), int(j)
-            if a < b and files[a].sha256 != files[b].sha256:
-                pairs.append(NearPair(files[a], files[b], int(round(distance[i, j]))))
-    return sorted(pairs, key=lambda p: (p.distance, str(p.a.path), str(p.b.path)))
-
-
-def _leaks(exact_groups: list[list[FileInfo]], near_pairs: list[NearPair]) -> list[Leak]:
-    """Test files with an exact or near copy in train or val; an exact copy takes precedence."""
-    copies: dict[Path, dict[str, Any]] = {}
-    for group in exact_groups:
-        seen = [f.path for f in group if f.split != "test"]
-        for f in group:
-            if f.split == "test" and seen:
-                copies[f.path] = {"kind": "exact", "copies": seen, "distance": 0}
-    for pair in near_pairs:
-        for test, other in ((pair.a, pair.b), (pair.b, pair.a)):
-            if test.split != "test" or other.split == "test" or copies.get(test.path, {}).get("kind") == "exact":
-                continue
-            entry = copies.setdefault(test.path, {"kind": "near", "copies": [], "distance": pair.distance})
-            entry["copies"].append(other.path)
-            entry["distance"] = min(entry["distance"], pair.distance)
-    return [Leak(p, e["kind"], tuple(e["copies"]), e["distance"]) for p, e in sorted(copies.items())]
 
 
 # --- several sources: is the class confounded with the source? -------------------------------------
@@ -382,7 +238,7 @@ def source_mix_explanation(mix: SourceMix) -> str:
             "source it never saw.")
 
 
-# --- shortcut probe 1: metadata only -------------------------------------------------------------
+# --- shortcut probe: metadata only ---------------------------------------------------------------
 
 
 def metadata_probe(files: list[FileInfo], *, folds: int = 5, seed: int = 0) -> ProbeResult:
@@ -467,60 +323,6 @@ def probe_explanation(probe: ProbeResult) -> str:
                        "accuracy on this data to overstate accuracy on X-rays from a new source.")
     return text + (f"{storage}, near chance: the signal is in overall brightness and contrast, which may partly be "
                    "disease and partly exposure or post-processing that differs between the sources of each class.")
-
-
-# --- shortcut probe 2: masked evaluations of a trained model --------------------------------------
-
-
-def lung_field_mask(size: int) -> np.ndarray:
-    """True inside a centred ellipse spanning 84% of the width and height: it covers both lungs of a
-    typical PA film and leaves out the corners (where text markers sit), the edges and the shoulders."""
-    yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
-    return ((xx - 0.5) / 0.42) ** 2 + ((yy - 0.5) / 0.42) ** 2 <= 1.0
-
-
-def masked_probe(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, labels: list[int]) -> dict[str, float]:
-    """Accuracy on the images as they are, with the central lung field hidden, and with only it shown.
-
-    `predict` maps uint8 N×S×S images to N×C probabilities (e.g. `Predictor.probabilities`). Hidden
-    parts are filled with one grey, the mean over all the images: a per-image fill would carry each
-    image's brightness, and so possibly its class, into the hidden part.
-    """
-    y = np.asarray(labels)
-    inside = lung_field_mask(images.shape[-1])
-    fill = np.uint8(round(float(images.mean())))
-    variants = {
-        "full": images,
-        "centre_hidden": np.where(inside, fill, images),
-        "centre_only": np.where(inside, images, fill),
-    }
-    result = {name: float((predict(x).argmax(axis=1) == y).mean()) for name, x in variants.items()}
-    result["majority_rate"] = float(np.bincount(y).max() / len(y))
-    result["n"] = len(y)
-    return result
-
-
-def masked_explanation(probe: dict[str, float]) -> str:
-    """What the masked probe's numbers suggest, in plain words."""
-    full, hidden, only, majority = probe["full"], probe["centre_hidden"], probe["centre_only"], probe["majority_rate"]
-    numbers = (f"Accuracy {full:.1%} on the full images, {hidden:.1%} with the central lung field hidden, "
-               f"{only:.1%} with only the lung field shown (majority-class rate {majority:.1%}). ")
-    surroundings = "corners with text markers, borders, collimation, shoulders, image geometry"
-    gain_full, gain_hidden, gain_only = full - majority, hidden - majority, only - majority
-    if gain_hidden >= 0.1 and gain_hidden >= 0.5 * gain_full:
-        verdict = (f"The model still classifies well without seeing the lung field: it relies substantially on what "
-                   f"lies around it ({surroundings}), a shortcut unlikely to carry over to X-rays from other hospitals.")
-    elif gain_hidden >= 0.1:
-        verdict = (f"With the lung field hidden it still scores well above chance: the surroundings ({surroundings}) "
-                   "carry class information that the model uses alongside the lungs, and that part may not carry "
-                   "over to X-rays from other hospitals.")
-    elif gain_only >= 0.5 * gain_full:
-        verdict = ("Without the lung field it falls to chance and with only the lung field it keeps most of its "
-                   "accuracy: the model mainly uses the lungs.")
-    else:
-        verdict = "Neither part alone carries the accuracy: the model needs the whole image."
-    return numbers + verdict + (" (Masked images look unlike any training image, so both masked accuracies "
-                                "understate what each part carries.)")
 
 
 # --- Markdown -------------------------------------------------------------------------------------

@@ -10,11 +10,13 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .config import TrainConfig
 from .errors import ModelError
+from .util import atomic_write
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -32,7 +34,65 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_bundle(path: str | os.PathLike, model, config: dict[str, Any], files: dict[str, str | bytes] | None = None) -> Path:
+INPUT = "grayscale uint8, N×1×H×W; normalisation inside the model"
+
+
+@dataclass
+class BundleConfig:
+    """config.json: what a bundle is and how it was made. Training writes it; inference, export and
+    evaluation read it. Entries a bundle may lack (hand-made or minimal bundles) take neutral defaults."""
+
+    backbone: str
+    classes: list[str]
+    input_size: int
+    normalization: dict[str, list[float]]
+    hyperparameters: TrainConfig = field(default_factory=TrainConfig)
+    training: dict[str, Any] = field(default_factory=dict)  # best epoch, epochs run, seconds, processes
+    data: dict[str, Any] = field(default_factory=dict)  # layout, sources, counts, audit summary, fingerprint
+    metrics: dict[str, Any] = field(default_factory=dict)  # summary of metrics.json per split
+    calibration: dict[str, Any] = field(default_factory=dict)  # temperature, fitted_on
+    ood: dict[str, Any] | None = None  # the guard's settings (ood.OODGuard.config)
+    referral: dict[str, Any] = field(default_factory=dict)  # threshold, target sensitivity, rule
+    onnx: dict[str, Any] = field(default_factory=dict)  # what `export` recorded: parity, int8 margin
+    files: dict[str, str] = field(default_factory=dict)  # name → SHA-256
+    input: str = INPUT
+    format_version: int = FORMAT_VERSION
+    package_version: str | None = None
+
+    @property
+    def temperature(self) -> float:
+        return float(self.calibration.get("temperature", 1.0))
+
+    @property
+    def referral_threshold(self) -> float:
+        return float(self.referral.get("threshold", 0.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        document = {f.name: getattr(self, f.name) for f in fields(self)}
+        document["hyperparameters"] = self.hyperparameters.to_dict()
+        # The order a reader sees: what the bundle is, then how it was made, then its files.
+        first = ("format_version", "package_version", "backbone", "classes", "input_size", "input", "normalization")
+        return {**{k: document.pop(k) for k in first}, **{k: v for k, v in document.items() if k != "files"},
+                "files": document["files"]}
+
+    @classmethod
+    def from_dict(cls, document: dict[str, Any], where: str | os.PathLike = "the bundle") -> BundleConfig:
+        if document.get("format_version") != FORMAT_VERSION:
+            raise ModelError(f"{where} has bundle format {document.get('format_version')!r}, this version reads "
+                             f"{FORMAT_VERSION}: retrain with this version, or use the covid-xray version that wrote it")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in document.items() if k in known}
+        missing = [name for name in ("backbone", "classes", "input_size", "normalization") if name not in values]
+        if missing:
+            raise ModelError(f"{where}/{CONFIG} lacks {', '.join(missing)}; the bundle is damaged")
+        values["hyperparameters"] = TrainConfig.from_dict(values.get("hyperparameters") or {})
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def save_bundle(path: str | os.PathLike, model, config: BundleConfig, files: dict[str, str | bytes] | None = None) -> Path:
     """Write weights + config (+ extra files such as MODEL_CARD.md) atomically to `path`."""
     from safetensors.torch import save_file
 
@@ -49,13 +109,9 @@ def save_bundle(path: str | os.PathLike, model, config: dict[str, Any], files: d
         mode = "wb" if isinstance(content, bytes) else "w"
         with open(tmp / name, mode) as f:
             f.write(content)
-    config = {
-        "format_version": FORMAT_VERSION,
-        "package_version": __version__,
-        **config,
-        "files": {name: sha256_file(tmp / name) for name in [WEIGHTS, *(files or {})]},
-    }
-    (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+    config = replace(config, format_version=FORMAT_VERSION, package_version=__version__,
+                     files={name: sha256_file(tmp / name) for name in [WEIGHTS, *(files or {})]})
+    (tmp / CONFIG).write_text(config.to_json())
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         path.rename(old)
@@ -66,21 +122,20 @@ def save_bundle(path: str | os.PathLike, model, config: dict[str, Any], files: d
     return path
 
 
-def read_config(path: str | os.PathLike) -> dict[str, Any]:
+def read_config(path: str | os.PathLike) -> BundleConfig:
     path = Path(path)
     if not (path / CONFIG).is_file():
         raise ModelError(f"{path} is not a model bundle (no {CONFIG}); pass the folder written by 'covid-xray train'")
     try:
-        config = json.loads((path / CONFIG).read_text())
+        document = json.loads((path / CONFIG).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelError(f"{path / CONFIG} is not valid JSON ({e}); the bundle is damaged") from None
-    if config.get("format_version") != FORMAT_VERSION:
-        raise ModelError(f"{path} has bundle format {config.get('format_version')!r}, this version reads "
-                         f"{FORMAT_VERSION}: retrain with this version, or use the covid-xray version that wrote it")
-    return config
+    if not isinstance(document, dict):
+        raise ModelError(f"{path / CONFIG} is not a JSON object; the bundle is damaged")
+    return BundleConfig.from_dict(document, path)
 
 
-def verify_file(bundle: Path, name: str, config: dict[str, Any], *, recorded: bool = False) -> Path:
+def verify_file(bundle: Path, name: str, config: BundleConfig, *, recorded: bool = False) -> Path:
     """Return the path of a bundle file after checking it against the SHA-256 in config.json.
 
     recorded=True refuses a file that config.json does not list (files added after the bundle was
@@ -88,7 +143,7 @@ def verify_file(bundle: Path, name: str, config: dict[str, Any], *, recorded: bo
     file = bundle / name
     if not file.is_file():
         raise ModelError(f"{file} is missing; the bundle is incomplete")
-    expected = config.get("files", {}).get(name)
+    expected = config.files.get(name)
     if recorded and not expected:
         raise ModelError(f"{file} has no checksum in {CONFIG}; it was not written by covid-xray, export again")
     if expected and sha256_file(file) != expected:
@@ -96,42 +151,18 @@ def verify_file(bundle: Path, name: str, config: dict[str, Any], *, recorded: bo
     return file
 
 
-def add_files(path: str | os.PathLike, files: dict[str, Path], updates: dict[str, Any]) -> dict[str, Any]:
+def add_files(path: str | os.PathLike, files: dict[str, Path], onnx: dict[str, Any]) -> BundleConfig:
     """Move finished files (e.g. model.onnx) into an existing bundle and record their SHA-256 and
-    `updates` in config.json. The config is replaced last and atomically, so an interrupted call
+    `onnx` (what the export measured) in config.json. The config is replaced last and atomically, so an interrupted call
     leaves files that load refuses (unrecorded or mismatched checksum), never a silently wrong one."""
     path = Path(path)
     config = read_config(path)
     checksums = {name: sha256_file(src) for name, src in files.items()}
     for name, src in files.items():
         os.replace(src, path / name)
-    config = {**config, **updates, "files": {**config.get("files", {}), **checksums}}
-    tmp = path / f".{CONFIG}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(config, indent=2))
-    os.replace(tmp, path / CONFIG)
+    config = replace(config, onnx=onnx, files={**config.files, **checksums})
+    atomic_write(path / CONFIG, config.to_json())
     return config
-
-
-def bundle_dataset(config: dict[str, Any], data: str | os.PathLike | Sequence[str | os.PathLike] | None):
-    """The dataset split exactly as it was when this bundle was trained (same fractions, split seed,
-    sources and held-out source), so "test" means the same images; refuses data whose classes or
-    sources differ from the bundle's. `data`: `--data` value(s), NAME=PATH or PATH each."""
-    from .data import discover, parse_sources
-
-    hp = config.get("hyperparameters", {})
-    sources = parse_sources(data)
-    trained = list(config.get("data", {}).get("sources", {}))
-    if len(trained) > 1 and sorted(trained) != sorted(s.name for s in sources):
-        raise ModelError(f"the bundle was trained on sources {', '.join(trained)}; pass each again as --data NAME=PATH "
-                         f"(got {', '.join(s.name for s in sources)})")
-    dataset = discover(
-        sources, val_fraction=hp.get("val_fraction", 0.15), test_fraction=hp.get("test_fraction", 0.2),
-        split_seed=hp.get("split_seed", 0), holdout=hp.get("holdout_source"),
-    )
-    if dataset.classes != config["classes"]:
-        raise ModelError(f"the data's classes {dataset.classes} differ from the bundle's {config['classes']}; "
-                         f"use the data the model was trained on (--data)")
-    return dataset
 
 
 def load_bundle(path: str | os.PathLike):
@@ -144,9 +175,9 @@ def load_bundle(path: str | os.PathLike):
     path = Path(path)
     config = read_config(path)
     weights = verify_file(path, WEIGHTS, config)
-    model = create_model(config["backbone"], len(config["classes"]), weights="none")
+    model = create_model(config.backbone, len(config.classes), weights="none")
     try:
         model.load_state_dict(load_file(weights))
     except (SafetensorError, RuntimeError) as e:
-        raise ModelError(f"{weights} does not fit {config['backbone']} ({str(e).splitlines()[0]})") from None
+        raise ModelError(f"{weights} does not fit {config.backbone} ({str(e).splitlines()[0]})") from None
     return model.eval(), config

@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+from .config import add_train_options
 from .errors import CovidXrayError
+from .sagemaker import commands as sagemaker_commands
 
 BACKEND_HELP = ("auto (ONNX Runtime when the bundle has model.onnx, else PyTorch) | torch | onnx | onnx-int8; "
                 "default: $COVID_XRAY_BACKEND, else auto")
@@ -24,6 +26,8 @@ def _launch_torchrun(nproc: int, argv: list[str]) -> int:
     import os
     import subprocess
 
+    from .util import cpu_count
+
     rest, skip = [], False
     for arg in argv:
         if skip or arg.startswith("--nproc="):
@@ -34,20 +38,8 @@ def _launch_torchrun(nproc: int, argv: list[str]) -> int:
             rest.append(arg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "covid_xray.cli", *rest]
     # One thread per process unless told otherwise: N processes already use N cores.
-    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)), **os.environ}
+    env = {"OMP_NUM_THREADS": str(max(1, cpu_count() // nproc)), **os.environ}
     return subprocess.call(cmd, env=env)
-
-
-def train_config(args: argparse.Namespace):
-    """The TrainConfig that `covid-xray train` options describe."""
-    from .training import TrainConfig
-
-    return TrainConfig(
-        backbone=args.backbone, weights=args.weights, epochs=args.epochs, seed=args.seed, split_seed=args.split_seed,
-        batch_size=args.batch_size, lr=args.lr, patience=args.patience, min_epochs=args.min_epochs,
-        image_size=args.image_size, skip_bad_images=args.skip_bad_images, amp=not args.no_amp, onnx=not args.no_onnx,
-        fp32_depthwise=args.fp32_depthwise, holdout_source=args.holdout_source, freeze_stride=args.freeze_stride,
-    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -55,6 +47,7 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(args.nproc, args.argv)
+    from .config import train_config
     from .data import parse_sources
     from .training import train_run
 
@@ -62,44 +55,39 @@ def _train(args: argparse.Namespace) -> int:
     result = train_run(
         train_config(args), parse_sources(args.data), out, resume=args.resume, log=lambda m: print(m, flush=True)
     )
-    if result:  # empty on the ranks of a distributed run that do not write
+    if result:  # None on the ranks of a distributed run that do not write
         print(f"bundle: {out / 'model'}")
-        print(f"report: {result['report']}")
+        print(f"report: {result.report}")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .audit import audit_dataset, metrics_without_leaks
-    from .bundle import bundle_dataset
-    from .data import decode_samples
-    from .evaluation import compute_metrics, confusion_table, metrics_table, per_source_metrics, per_source_table
+    from .evaluation import evaluate_bundle
     from .inference import Predictor
+    from .report import confusion_table, metrics_table, per_source_table
 
     predictor = Predictor.from_bundle(args.bundle, backend=args.backend)
-    config = predictor.config
-    dataset = bundle_dataset(config, args.data)
-    decoded = decode_samples(dataset[args.split], config["input_size"], skip_bad=args.skip_bad_images)
-    y = [s.label for s in decoded.samples]
-    probs = predictor.probabilities(decoded.images[:])
-    metrics = compute_metrics(y, probs, dataset.classes, n_boot=args.bootstrap)
-    metrics["skipped_images"] = decoded.bad
-    if args.split == "test":  # copies of training images in test inflate every metric: report both
-        report = audit_dataset(dataset, probe=False)
-        metrics["dedup"] = metrics_without_leaks(decoded.samples, probs, report, n_boot=args.bootstrap)
-    if len(dataset.sources) > 1:
-        metrics["per_source"] = per_source_metrics(y, probs, [s.source for s in decoded.samples], dataset.classes,
-                                                   n_boot=args.bootstrap)
+    metrics = evaluate_bundle(predictor.config, predictor.probabilities, args.data, args.split,
+                              skip_bad=args.skip_bad_images, n_boot=args.bootstrap)
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
+    classes = predictor.classes
     where = ", ".join(args.data) if args.data else "the dataset"
-    print(f"{args.split} split of {where}\n\n{metrics_table(metrics)}\n\n{confusion_table(metrics, dataset.classes)}")
-    dedup = metrics.get("dedup")
+    holdout = predictor.config.hyperparameters.holdout_source
+    title = f"held-out source {holdout}, all its images" if args.split == "test" and holdout else f"{args.split} split"
+    main = metrics[args.split]
+    print(f"{title} of {where}\n\n{metrics_table(main)}\n\n{confusion_table(main, classes)}")
+    if "test_in_sources" in metrics:
+        inside = metrics["test_in_sources"]
+        print(f"\ntest split of the sources trained on (in-distribution)\n\n{metrics_table(inside)}"
+              f"\n\n{confusion_table(inside, classes)}")
+    dedup = metrics.get("test_dedup")
     if dedup and dedup["excluded"]:
         print(f"\nwithout the {len(dedup['excluded'])} test images that are copies of training/validation images "
-              f"(covid-xray audit lists them)\n\n{metrics_table(dedup)}\n\n{confusion_table(dedup, dataset.classes)}")
+              f"(covid-xray audit lists them)\n\n{metrics_table(dedup)}\n\n{confusion_table(dedup, classes)}")
     if "per_source" in metrics:
-        print(f"\nper source\n\n{per_source_table(metrics['per_source'], dataset.holdout)}")
+        print(f"\nper source\n\n{per_source_table(metrics['per_source'], holdout)}")
     return 0
 
 
@@ -114,7 +102,7 @@ def _predict(args: argparse.Namespace) -> int:
     _quiet_omp()
     from tqdm import tqdm
 
-    from .batch import PredictionCSV, expand_paths, iter_predictions
+    from .bulk_predict import PredictionCSV, expand_paths, iter_predictions, print_predictions
     from .inference import Predictor
 
     if args.resume and not args.out:
@@ -142,21 +130,8 @@ def _predict(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not sink:
-        _print_table(rows, predictor.classes)
+        print_predictions(rows, predictor.classes)
     return 1 if errors else 0
-
-
-def _print_table(rows: list[dict], classes: list[str]) -> None:
-    width = max(len(r["path"]) for r in rows)
-    print(f"{'image':<{width}}  {'label':<16}  " + "  ".join(f"{c:>16}" for c in classes) + "  flags")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['path']:<{width}}  error: {r['error']}")
-            continue
-        flags = ("NOT A CHEST X-RAY? (out of distribution): REFER" if r.get("ood")
-                 else "REFER: low confidence" if r.get("refer") else "")
-        print(f"{r['path']:<{width}}  {r['label']:<16}  " + "  ".join(f"{r['probabilities'][c]:>16.4f}" for c in classes)
-              + "  " + flags)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -182,8 +157,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from .audit import NEAR_THRESHOLD, audit_dataset
+    from .audit import audit_dataset
     from .data import discover, parse_sources
+    from .duplicates import NEAR_THRESHOLD
 
     threshold = NEAR_THRESHOLD if args.near_threshold is None else args.near_threshold
     report = audit_dataset(discover(parse_sources(args.data + (args.data_option or []))), near_threshold=threshold)
@@ -197,7 +173,7 @@ def _export(args: argparse.Namespace) -> int:
     if not args.onnx:
         raise CovidXrayError("nothing to export: pass --onnx (and --int8 for the quantised variant too)")
     config = export_bundle(args.bundle, int8=args.int8, data=args.data, calibration_images=args.calibration_images)
-    print("bundle files: " + ", ".join(sorted(config["files"])))
+    print("bundle files: " + ", ".join(sorted(config.files)))
     return 0
 
 
@@ -206,6 +182,7 @@ def _explain(args: argparse.Namespace) -> int:
 
     from .explain import gradcam, overlay
     from .inference import Predictor
+    from .util import atomic_path
 
     # PyTorch for the probabilities too: the printed probability is then the explained model's own.
     predictor = Predictor.from_bundle(args.bundle, backend="torch")
@@ -217,129 +194,24 @@ def _explain(args: argparse.Namespace) -> int:
     target = predicted if args.class_name is None else predictor.classes.index(args.class_name)
     picture = overlay(image, gradcam(predictor.model, image, target))
     out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # never leave a half-written PNG under the real name
     try:
-        picture.save(tmp, format="PNG")
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:  # never leave a half-written PNG under the real name
+            picture.save(tmp, format="PNG")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise CovidXrayError(f"cannot write {out}: {e.strerror or e}") from None
     print(f"predicted: {predictor.classes[predicted]} (probability {probs[predicted]:.4f})")
     print(f"heatmap: {out} (class {predictor.classes[target]}, probability {probs[target]:.4f})")
     return 0
 
 
-def _sagemaker_train(args: argparse.Namespace) -> int:
-    from .sagemaker import entry, launcher
+def _download(args: argparse.Namespace) -> int:
+    import shlex
 
-    if bool(args.data) == bool(args.train):
-        raise CovidXrayError("pass either --data DIR or --train PATH_OR_URI [--test PATH_OR_URI]")
-    inputs = launcher.channels(args.data) if args.data else {"train": args.train, **({"test": args.test} if args.test else {})}
-    job = launcher.train(
-        inputs, instance_type=args.instance_type, instance_count=args.instance_count,
-        hyperparameters=entry.parse_hyperparameter_args(args.extra), out=args.job_dir, role=args.role,
-        region=args.region, log=lambda line: print(line, flush=True),
-    )
-    print(f"job: {job.name}\nmodel_data: {job.model_data}")
-    if job.output_dir:
-        print(f"output: {job.output_dir}")
-    print(f"next: covid-xray sagemaker deploy --job-dir {args.job_dir}")
+    from .download import download
+
+    dest = download(args.dest, log=lambda m: print(m, flush=True))
+    print(f"next: covid-xray train --data {shlex.quote(str(dest))}")
     return 0
-
-
-def _sagemaker_deploy(args: argparse.Namespace) -> int:
-    from .sagemaker import launcher
-
-    job = launcher.TrainingJob(**launcher.load_state(args.job_dir)["job"])
-    endpoint = launcher.deploy(job, instance_type=args.instance_type, role=args.role, region=args.region, port=args.port)
-    described = endpoint.describe()
-    launcher.save_state(args.job_dir, endpoint=described)
-    print(f"endpoint: {described.get('url') or described['name']}")
-    if described["kind"] in launcher.LOCAL_MODES:  # a local-mode endpoint lives as long as this process
-        print("serving until Ctrl-C", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            endpoint.delete_endpoint()
-            launcher.save_state(args.job_dir, endpoint=None)
-            raise
-    print(f"next: covid-xray sagemaker predict --job-dir {args.job_dir} IMAGE...")
-    return 0
-
-
-def _sagemaker_predict(args: argparse.Namespace) -> int:
-    from .sagemaker import launcher
-
-    endpoint = launcher.recorded_endpoint(args.job_dir)
-    if endpoint is None:
-        raise CovidXrayError(f"no endpoint deployed from {args.job_dir}: run 'covid-xray sagemaker deploy --job-dir {args.job_dir}'")
-    rows, classes = [], []
-    for path in args.images:
-        if not Path(path).is_file():
-            raise CovidXrayError(f"{path} is not a file")
-        response = endpoint.predict(Path(path).read_bytes())  # one request per image, as a client would
-        rows.append({"path": path, **response["predictions"][0]})
-        classes = response["model"]["classes"]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        _print_table(rows, classes)
-    return 0
-
-
-def _sagemaker_cleanup(args: argparse.Namespace) -> int:
-    from .sagemaker import launcher
-
-    endpoint = launcher.recorded_endpoint(args.job_dir)
-    if endpoint is None:
-        print("no endpoint to delete")
-        return 0
-    endpoint.delete_endpoint()
-    launcher.save_state(args.job_dir, endpoint=None)
-    print("endpoint deleted")
-    return 0
-
-
-def _add_sagemaker(sub) -> None:
-    p = sub.add_parser(
-        "sagemaker", help="train and serve through SageMaker (managed, local mode, or local-process without Docker)"
-    )
-    commands = p.add_subparsers(dest="sagemaker_command", required=True)
-
-    def command(name: str, func, help: str, **kw) -> argparse.ArgumentParser:
-        c = commands.add_parser(name, help=help, description=kw.pop("description", help), **kw)
-        c.add_argument("--job-dir", default="runs/sagemaker", help="where the job's files and its record go (default: runs/sagemaker)")
-        c.set_defaults(func=func)
-        return c
-
-    def aws_options(c: argparse.ArgumentParser) -> None:
-        c.add_argument("--role", help="SageMaker execution role ARN for ml.* (default: $SAGEMAKER_ROLE)")
-        c.add_argument("--region", help="AWS region for ml.* (default: the AWS configuration's)")
-
-    c = command(
-        "train", _sagemaker_train, "run the training job", allow_abbrev=False,
-        description="Run the training job. Every other --name value option is a hyperparameter for the entry "
-        "point, e.g. --epochs 3 --image-size 160 (all: python -m covid_xray.sagemaker.entry --help).",
-    )
-    c.add_argument("--data", help="dataset folder: DIR/train and DIR/test become the train and test channels")
-    c.add_argument("--train", help="train channel: a folder, file:// or s3:// URI")
-    c.add_argument("--test", help="test channel (optional): a folder, file:// or s3:// URI")
-    c.add_argument("--instance-type", help="local-process, local, local_gpu or ml.* (default: local with Docker, else local-process)")
-    c.add_argument("--instance-count", type=int, default=1, help="instances; more than 1 trains under torchrun")
-    aws_options(c)
-    c.set_defaults(accepts_extra=True)
-
-    c = command("deploy", _sagemaker_deploy, "serve the job's model.tar.gz as an endpoint")
-    c.add_argument("--instance-type", help="default: the training job's")
-    c.add_argument("--port", type=int, help="local-process: the loopback port (default: a free one)")
-    aws_options(c)
-
-    c = command("predict", _sagemaker_predict, "send X-ray images to the deployed endpoint")
-    c.add_argument("images", nargs="+", metavar="IMAGE")
-    c.add_argument("--json", action="store_true", help="print one JSON array, an object per image")
-
-    command("cleanup", _sagemaker_cleanup, "delete the deployed endpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,31 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune a pretrained CNN and evaluate it on the test split")
     p.add_argument("--data", action="append", metavar="[NAME=]PATH", help=DATA_HELP)
-    p.add_argument("--holdout-source", metavar="NAME",
-                   help="train without this source and test on all its images (the other sources' test split "
-                        "is reported too, as test_in_sources)")
     p.add_argument("--out", help="run folder (default: runs/<timestamp>)")
-    p.add_argument("--backbone", default="tf_efficientnet_lite0", help="any timm model name")
-    p.add_argument("--weights", default="imagenet", help="imagenet | none | path to a state dict")
-    p.add_argument("--epochs", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3, help="head learning rate (backbone gets 0.3×)")
-    p.add_argument("--patience", type=int, default=6, help="early-stopping patience in epochs")
-    p.add_argument("--min-epochs", type=int, default=8,
-                   help="no earlier epoch is selected or counts towards early stopping (default: 8)")
-    p.add_argument("--image-size", type=int, help="input size (default: the backbone's pretraining size, at least 256)")
-    p.add_argument("--freeze-stride", type=int, default=8, metavar="S",
-                   help="keep the pretrained layers down to 1/S of the input resolution fixed (default: 8; "
-                        "0 trains every layer)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split-seed", type=int, default=0, help="seed for carving validation/test splits")
-    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable files (counted in the report)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
-    p.add_argument("--no-amp", action="store_true", help="train in float32 even where bfloat16 is fast")
-    p.add_argument("--no-onnx", action="store_true", help="do not add model.onnx to the bundle")
-    p.add_argument("--fp32-depthwise", action=argparse.BooleanOptionalAction, default=True,
-                   help="under bfloat16 on CPU, run the trainable 5×5 and stride-2 depthwise convolutions in float32, "
-                        "whose bf16 backward is slow: a third off each step on CPUs with AMX/AVX512-BF16 (default: on)")
+    add_train_options(p)
     p.add_argument("--nproc", type=int, default=1, help="train with N processes via torchrun (DDP; gloo on CPU)")
     p.set_defaults(func=_train)
 
@@ -385,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the data the bundle was trained on: every source again, under the same names")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the confidence intervals")
+    p.add_argument("--bootstrap", type=int,
+                   help="bootstrap resamples for the confidence intervals (default: as in training)")
     p.add_argument("--skip-bad-images", action="store_true")
     p.add_argument("--backend", help=BACKEND_HELP)
     p.set_defaults(func=_evaluate)
@@ -416,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     # --data too, as in train and evaluate (and as the dataset-not-found message suggests).
     p.add_argument("--data", dest="data_option", action="append", help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print the audit as JSON")
-    # The default lives in audit.NEAR_THRESHOLD; importing it here would slow every command's start.
+    # The default lives in duplicates.NEAR_THRESHOLD; importing it here would slow every command's start.
     p.add_argument("--near-threshold", type=int, metavar="BITS",
                    help="near duplicates: perceptual hashes at most this many of 256 bits apart (default 32)")
     p.set_defaults(func=_audit)
@@ -443,7 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class", dest="class_name", metavar="NAME", help="class to explain (default: the predicted one)")
     p.set_defaults(func=_explain)
 
-    _add_sagemaker(sub)
+    p = sub.add_parser("download", help="download the Kaggle dataset with kagglehub (needs Kaggle credentials)")
+    p.add_argument("--dest", default="data/Covid19-dataset",
+                   help="folder to create with train/ and test/ (default: data/Covid19-dataset, where train looks)")
+    p.set_defaults(func=_download)
+
+    sagemaker_commands.add_parser(sub)
     return parser
 
 

@@ -1,7 +1,6 @@
-"""Finding a dataset, reading any X-ray image safely and fast, splits and augmentation.
-
-Every path that turns a file or bytes into model input goes through `load_image`, so training,
-evaluation, `predict` and the server see identical pixels.
+"""Finding a dataset — the Kaggle layout, class folders or a CSV manifest, one source or several — and
+splitting it (stratified, seeded, each source on its own); the data fingerprint; augmentation and the
+training tensors. Reading the images themselves is `images`'s job.
 """
 
 from __future__ import annotations
@@ -9,29 +8,27 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
-import io
 import os
-import threading
-import warnings
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import DataError, ImageError
+from .config import SPLIT_SEED, TEST_FRACTION, VAL_FRACTION
+from .errors import DataError
+from .util import relative_path
+
+if TYPE_CHECKING:  # images builds on this module's Sample
+    from .images import CachedImages
 
 DEFAULT_DATA_DIR = Path("data/Covid19-dataset")
 DATA_ENV_VAR = "COVID_XRAY_DATA"
 KAGGLE_DATASET = "pranavraikokte/covid19-image-dataset"
 # Files that operating systems drop into folders; never X-rays.
 JUNK_FILES = {"thumbs.db", "desktop.ini"}
-# Anything larger is refused before decoding (a decompression bomb, not an X-ray).
-MAX_IMAGE_PIXELS = 80_000_000
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 SPLITS = ("train", "val", "test")
 
 
@@ -80,7 +77,7 @@ class Dataset:
             writer.writerow(["path", "label", "split", "source"])
             for split, samples in self.splits.items():
                 for s in samples:
-                    writer.writerow([_relative(s.path, self.root), self.classes[s.label], split, s.source])
+                    writer.writerow([relative_path(s.path, self.root), self.classes[s.label], split, s.source])
 
 
 def resolve_data_dir(arg: str | os.PathLike | None) -> Path:
@@ -88,10 +85,12 @@ def resolve_data_dir(arg: str | os.PathLike | None) -> Path:
     candidate = Path(arg or os.environ.get(DATA_ENV_VAR) or DEFAULT_DATA_DIR).expanduser()
     if candidate.exists():
         return candidate
+    # `download` installs at data/Covid19-dataset unless told where: name the folder only when it differs.
+    dest = "" if candidate == DEFAULT_DATA_DIR else f" --dest {candidate}"
     raise DataError(
         f"dataset not found at {candidate}: pass --data DIR or set {DATA_ENV_VAR}; get the data from "
         f"Kaggle '{KAGGLE_DATASET}' (unzip so that DIR/train/<class>/ exists), or run "
-        f"'covid-xray download' with kagglehub installed and Kaggle credentials"
+        f"'covid-xray download{dest}' (pip install 'covid-xray[download]'; needs Kaggle credentials)"
     )
 
 
@@ -127,9 +126,9 @@ def _default_name(path: Path) -> str:
 def discover(
     data: str | os.PathLike | Sequence[Source],
     *,
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.2,
-    split_seed: int = 0,
+    val_fraction: float = VAL_FRACTION,
+    test_fraction: float = TEST_FRACTION,
+    split_seed: int = SPLIT_SEED,
     holdout: str | None = None,
 ) -> Dataset:
     """Find train/val/test samples in one dataset (a path) or several sources, each a Kaggle layout,
@@ -304,179 +303,6 @@ def _stratified_split(samples: list[Sample], fraction: float, seed: int, name: s
         samples, test_size=fraction, random_state=seed, stratify=[s.label for s in samples]
     )
     return sorted(keep, key=lambda s: str(s.path)), sorted(held, key=lambda s: str(s.path))
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return str(path)
-
-
-# --- reading images --------------------------------------------------------------------------
-
-
-def is_dicom(data: bytes) -> bool:
-    return data[128:132] == b"DICM"
-
-
-def load_image(source: str | os.PathLike | bytes, size: int | None = None) -> np.ndarray:
-    """Read a file or bytes as an 8-bit grayscale X-ray, resized to size×size when given.
-
-    Handles every Pillow mode (8/16-bit, alpha, palette, CMYK, EXIF rotation) and DICOM.
-    Large JPEGs are decoded at reduced scale (Pillow draft), which is most of the speed on
-    multi-megapixel hospital exports. Raises ImageError naming the source on any failure.
-    """
-    name = "<bytes>" if isinstance(source, bytes) else str(source)
-    try:
-        data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    except OSError as e:
-        raise ImageError(f"{name}: cannot read file ({e.strerror or e})") from None
-    if not data:
-        raise ImageError(f"{name}: empty file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = _decode_dicom(data) if is_dicom(data) else _decode_pillow(data, size)
-            if size is not None and img.size != (size, size):
-                img = img.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{name}: image is larger than {MAX_IMAGE_PIXELS:,} pixels; refusing to decode") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image (no known image format or DICOM header)") from None
-    except Exception as e:  # truncated/corrupt data surfaces as many different exception types
-        raise ImageError(f"{name}: corrupt image ({type(e).__name__}: {e})") from None
-
-
-def _decode_pillow(data: bytes, size: int | None) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
-    if size is not None and img.format == "JPEG":
-        # JPEG decodes at 1/2, 1/4 or 1/8 scale directly (and straight to luma), never below size.
-        img.draft("L", (size, size))
-    img = ImageOps.exif_transpose(img)  # also forces the full decode, so corrupt data fails here
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        return Image.fromarray(_to_uint8(np.asarray(img, dtype=np.float32)))
-    return img if img.mode == "L" else img.convert("L")
-
-
-def _decode_dicom(data: bytes) -> Image.Image:
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    ds = pydicom.dcmread(io.BytesIO(data))
-    if "PixelData" not in ds:
-        raise ImageError("DICOM file has no pixel data")
-    # pydicom allocates rows×columns×frames before decoding: check the header first (DICOM bomb).
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    if int(ds.Rows) * int(ds.Columns) * max(frames, 1) * int(getattr(ds, "SamplesPerPixel", 1) or 1) > MAX_IMAGE_PIXELS:
-        raise ImageError(f"DICOM image is larger than {MAX_IMAGE_PIXELS:,} pixels; refusing to decode")
-    pixels = ds.pixel_array
-    if getattr(ds, "NumberOfFrames", 1) not in (None, 1) and pixels.ndim > 2:
-        pixels = pixels[0]
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
-    if pixels.ndim == 3:  # colour DICOM (secondary capture): use luminance
-        return Image.fromarray(pixels.astype(np.uint8)).convert("L")
-    pixels = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float32)
-    gray = _to_uint8(pixels)
-    return Image.fromarray(255 - gray if photometric == "MONOCHROME1" else gray)
-
-
-def _to_uint8(pixels: np.ndarray) -> np.ndarray:
-    lo, hi = float(pixels.min()), float(pixels.max())
-    if hi <= lo:
-        return np.zeros(pixels.shape, dtype=np.uint8)
-    return np.round((pixels - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-
-
-# Bump when load_image's output changes: cached decodes made by older code are then ignored.
-PREPROCESS_VERSION = 1
-CACHE_ENV_VAR = "COVID_XRAY_CACHE"
-
-
-def default_cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV_VAR):
-        return Path(os.environ[CACHE_ENV_VAR])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "covid-xray"
-
-
-class CachedImages:
-    """Decoded images stored one .npy file each, read on access.
-
-    Memory stays flat however large the dataset; indexing with a slice returns a stacked batch.
-    """
-
-    def __init__(self, files: list[Path]):
-        self.files = files
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int | slice) -> np.ndarray:
-        """An int gives one image, a slice a stacked batch (`images[:]` loads them all)."""
-        if isinstance(index, slice):
-            return np.stack([np.load(f) for f in self.files[index]])
-        return np.load(self.files[index])
-
-
-@dataclass
-class Decoded:
-    """The samples of one split that decoded, their cached images, content digests and skipped files."""
-
-    images: CachedImages
-    samples: list[Sample]
-    digests: list[str]
-    bad: list[str]  # one-line reasons for skipped files
-
-    def subset(self, keep: list[int]) -> Decoded:
-        """These samples only; the skipped files stay recorded with the whole split, not here."""
-        return Decoded(CachedImages([self.images.files[i] for i in keep]), [self.samples[i] for i in keep],
-                       [self.digests[i] for i in keep], [])
-
-
-def decode_samples(
-    samples: list[Sample],
-    size: int,
-    *,
-    skip_bad: bool = False,
-    cache_dir: Path | None = None,
-    workers: int | None = None,
-) -> Decoded:
-    """Decode and resize every sample once, into a disk cache keyed by file content and preprocessing
-    settings, so later epochs and later runs never decode again. Threads: Pillow releases the GIL."""
-    folder = (cache_dir or default_cache_dir()) / f"size{size}-v{PREPROCESS_VERSION}"
-
-    def one(sample: Sample) -> tuple[Path | None, str | None, str | None]:
-        try:
-            data = sample.path.read_bytes()
-            digest = hashlib.sha256(data).hexdigest()
-            target = folder / digest[:2] / f"{digest}.npy"
-            if not target.exists():
-                _save_atomic(target, load_image(data, size))
-            return target, digest, None
-        except ImageError as e:
-            return None, None, f"{sample.path}: {str(e).split(': ', 1)[-1]}"
-        except OSError as e:
-            return None, None, f"{sample.path}: cannot read file ({e.strerror or e})"
-
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        results = list(pool.map(one, samples))
-    bad = [reason for _, _, reason in results if reason]
-    if bad and not skip_bad:
-        raise ImageError(f"{bad[0]} (use --skip-bad-images to skip unreadable files)")
-    kept = [(s, r) for s, r in zip(samples, results) if r[2] is None]
-    return Decoded(CachedImages([r[0] for _, r in kept]), [s for s, _ in kept], [r[1] for _, r in kept], bad)
-
-
-def _save_atomic(target: Path, array: np.ndarray) -> None:
-    # Several processes (DDP ranks, parallel runs) may fill the same cache: never expose a partial file.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, target)
 
 
 def fingerprint(digests_by_split: dict[str, list[str]], classes: list[str], samples_by_split) -> str:

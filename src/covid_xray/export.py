@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import ONNX, ONNX_INT8, add_files, bundle_dataset, load_bundle
+from .bundle import ONNX, ONNX_INT8, BundleConfig, add_files, load_bundle
 from .errors import ModelError
-from .evaluation import softmax
+from .calibration import softmax
 from .inference import onnx_session
 
 INPUT, OUTPUTS = "image", ("logits", "features")
@@ -31,11 +31,11 @@ FALLBACK_SAFETY = 3.0
 
 
 def export_bundle(bundle: str | Path, *, int8: bool = False, data: str | Path | list[str] | None = None,
-                  calibration_images: int = CALIBRATION_IMAGES, log=print) -> dict[str, Any]:
+                  calibration_images: int = CALIBRATION_IMAGES, log=print) -> BundleConfig:
     """Write model.onnx (and model.int8.onnx) into the bundle and record them in config.json."""
     bundle = Path(bundle)
     model, config = load_bundle(bundle)
-    size = int(config["input_size"])
+    size = config.input_size
     # Read calibration images first: a missing dataset should fail before minutes of work.
     train = _training_images(config, data, calibration_images + HELD_OUT_IMAGES) if int8 else None
     with tempfile.TemporaryDirectory(dir=bundle, prefix=".export-") as tmp:
@@ -48,7 +48,7 @@ def export_bundle(bundle: str | Path, *, int8: bool = False, data: str | Path | 
             files[ONNX_INT8] = Path(tmp) / ONNX_INT8
             info["int8"] = _export_int8(files[ONNX], train, calibration_images, files[ONNX_INT8], log)
         # An int8 graph from an earlier export stays valid (same weights): keep its record.
-        return add_files(bundle, files, {"onnx": {**config.get("onnx", {}), **info}})
+        return add_files(bundle, files, {**config.onnx, **info})
 
 
 def _export_int8(fp32: Path, train: np.ndarray, calibration_images: int, out: Path, log) -> dict[str, Any]:
@@ -102,13 +102,14 @@ def _check_parity(model, onnx_path: Path, size: int) -> float:
     return error
 
 
-def _training_images(config: dict[str, Any], data: str | Path | list[str] | None, count: int) -> np.ndarray:
+def _training_images(config: BundleConfig, data: str | Path | list[str] | None, count: int) -> np.ndarray:
     """Up to `count` images of the bundle's training split (spread over it, so every class is in)."""
-    from .data import decode_samples
+    from .images import decode_samples
+    from .evaluation import trained_dataset
 
-    samples = bundle_dataset(config, data)["train"]
+    samples = trained_dataset(config, data)["train"]
     picked = [samples[int(i)] for i in np.linspace(0, len(samples) - 1, min(count, len(samples)))]
-    return decode_samples(picked, int(config["input_size"]), skip_bad=True).images[:]
+    return decode_samples(picked, config.input_size, skip_bad=True).images[:]
 
 
 def _split_calibration(images: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:

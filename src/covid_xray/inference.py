@@ -11,7 +11,6 @@ stored in the bundle; they are applied here, the same way for every backend.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,19 +19,15 @@ from typing import Any
 import numpy as np
 
 from . import ood
-from .bundle import ONNX, ONNX_INT8, read_config, verify_file
-from .data import load_image
+from .bundle import ONNX, ONNX_INT8, BundleConfig, read_config, verify_file
+from .images import load_image
 from .errors import ModelError
-from .evaluation import refer, softmax
+from .calibration import refer, softmax
+from .util import cpu_count, onnx_available
 
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 # Lets `serve` and the SageMaker handlers, which load a bundle without options, pick a backend.
 BACKEND_ENV = "COVID_XRAY_BACKEND"
-
-
-def cpu_count() -> int:
-    """Cores this process may run on (a container or taskset can allow fewer than the machine has)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def onnx_session(path: Path, threads: int | None = None):
@@ -77,13 +72,13 @@ class OnnxModel:
         return logits, features
 
 
-def resolve_backend(requested: str | None, config: dict[str, Any], bundle: Path) -> str:
+def resolve_backend(requested: str | None, config: BundleConfig, bundle: Path) -> str:
     """The backend to use: the one asked for (checked), or for `auto` ONNX when exported and installed."""
     requested = requested or os.environ.get(BACKEND_ENV) or "auto"
     if requested not in BACKENDS:
         raise ModelError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
-    exported = config.get("files", {})
-    has_ort = importlib.util.find_spec("onnxruntime") is not None
+    exported = config.files
+    has_ort = onnx_available(("onnxruntime",))
     if requested == "auto":
         return "onnx" if ONNX in exported and has_ort else "torch"
     if requested == "torch":
@@ -96,11 +91,11 @@ def resolve_backend(requested: str | None, config: dict[str, Any], bundle: Path)
     return requested
 
 
-def load_guard(bundle: Path, config: dict[str, Any]) -> ood.OODGuard | None:
+def load_guard(bundle: Path, config: BundleConfig) -> ood.OODGuard | None:
     """The bundle's out-of-distribution guard (None for a bundle trained without one)."""
-    if "ood" not in config:
+    if config.ood is None:
         return None
-    return ood.OODGuard.load(verify_file(bundle, ood.FILE, config, recorded=True), config["ood"])
+    return ood.OODGuard.load(verify_file(bundle, ood.FILE, config, recorded=True), config.ood)
 
 
 @dataclass(frozen=True)
@@ -112,18 +107,18 @@ class Scores:
 
 
 class Predictor:
-    def __init__(self, model, config: dict[str, Any], onnx: OnnxModel | None = None,
+    def __init__(self, model, config: BundleConfig, onnx: OnnxModel | None = None,
                  bundle: Path | None = None, backend: str = "torch", guard: ood.OODGuard | None = None):
         self._model = model
         self.config = config
-        self.classes: list[str] = list(config["classes"])
-        self.size: int = int(config["input_size"])
+        self.classes: list[str] = list(config.classes)
+        self.size: int = config.input_size
         self.onnx = onnx
         self.bundle = bundle
         self.backend = backend
         self.guard = guard
-        self.temperature = float(config.get("calibration", {}).get("temperature", 1.0))
-        self.refer_below = float(config.get("referral", {}).get("threshold", 0.0))
+        self.temperature = config.temperature
+        self.refer_below = config.referral_threshold
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, backend: str | None = None, threads: int | None = None) -> Predictor:
@@ -139,7 +134,7 @@ class Predictor:
             return cls(*load_bundle(path), bundle=path, guard=guard)
         onnx = OnnxModel(verify_file(path, ONNX, config, recorded=True), threads=threads)
         if backend == "onnx-int8":
-            margin = float(config.get("onnx", {}).get("int8", {}).get("fallback_margin", 0.0))
+            margin = float(config.onnx.get("int8", {}).get("fallback_margin", 0.0))
             onnx = OnnxModel(verify_file(path, ONNX_INT8, config, recorded=True), fallback=onnx, margin=margin,
                              threads=threads)
         return cls(None, config, onnx=onnx, bundle=path, backend=backend, guard=guard)

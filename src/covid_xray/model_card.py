@@ -8,65 +8,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import __version__, audit, evaluation
+from . import __version__, audit, report
+from .bundle import BundleConfig
 
 FILE = "MODEL_CARD.md"
 
 
-def trust_section(metrics: dict[str, Any], heading: str = "##") -> str:
-    """Calibration, the out-of-distribution guard and the referral rule, in numbers and words."""
-    cal, guard, referral = metrics["calibration"], metrics["ood"], metrics["referral"]
-    ece = cal["ece"]
-    lines = [
-        f"{heading} Calibration",
-        "",
-        f"Temperature scaling fitted on the validation split: T = {cal['temperature']:.3f} "
-        f"({'sharpens' if cal['temperature'] < 1 else 'softens'} the probabilities). Expected calibration error "
-        "(10 bins; lower is better):",
-        "",
-        "| split | before | after |",
-        "| --- | ---: | ---: |",
-        *(f"| {split}{' (fitted on it)' if split == 'val' else ''} | {e['before']:.3f} | {e['after']:.3f} |"
-          for split, e in ece.items()),
-        "",
-        "With a few dozen validation images the temperature itself is uncertain; the test row is the honest one.",
-        "",
-        f"{heading} Out-of-distribution guard",
-        "",
-        f"Every prediction carries `ood_score`, the cosine distance of the image's features to its "
-        f"{guard['k']}th-nearest training X-ray, and `ood` = score > {guard['threshold']:.4f} (the largest validation "
-        f"score × {guard['margin']:g}). Flagged: "
-        + ", ".join(f"{rate:.1%} of {split} X-rays" for split, rate in guard["flagged_rate"].items() if rate is not None)
-        + f"; synthetic non-X-rays (noise, blank, documents, patterns): {guard['synthetic_outliers_flagged']:.0%}. "
-        "A flagged image gets no usable answer. `benchmarks/ood.py` measures the guard on photos, other body parts "
-        "and modalities, and chest films from another scanner.",
-        "",
-        f"{heading} Referral rule",
-        "",
-        f"`refer` is set when the image is out of distribution or the calibrated confidence is below "
-        f"{referral['threshold']:.3f}, the threshold chosen on validation for a Covid sensitivity (detected or referred) "
-        f"of at least {referral['target_covid_sensitivity']:.0%}.",
-        "",
-        "| split | referred | accuracy of the rest | Covid detected or referred |",
-        "| --- | ---: | ---: | ---: |",
-    ]
-    for split in ("val", "test"):
-        r = referral[split]
-        lines.append(f"| {split} | {_pct(r['referred_rate'])} | {_pct(r['accuracy_not_referred'])} "
-                     f"| {_pct(r.get('covid_sensitivity_with_referral'))} |")
-    return "\n".join(lines)
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1%}"
-
-
-def render(config: dict[str, Any], metrics: dict[str, Any], audit_report: audit.AuditReport) -> str:
-    d, hp, classes = config["data"], config["hyperparameters"], config["classes"]
+def render(config: BundleConfig, metrics: dict[str, Any], audit_report: audit.AuditReport) -> str:
+    d, hp, classes = config.data, config.hyperparameters, config.classes
     test, dedup = metrics["test"], metrics.get("test_dedup")
     probe = audit_report.probe
     lines = [
-        f"# Model card: covid-xray {config['backbone']}",
+        f"# Model card: covid-xray {config.backbone}",
         "",
         "## Intended use",
         "",
@@ -80,10 +33,10 @@ def render(config: dict[str, Any], metrics: dict[str, Any], audit_report: audit.
         "",
         "## Model",
         "",
-        f"- backbone `{config['backbone']}` (timm), weights `{hp['weights']}`, fine-tuned on "
-        f"{config['input_size']}×{config['input_size']} grayscale input; covid-xray {__version__}",
-        f"- training: {config['training']['epochs_run']} epochs, selected epoch {config['training']['best_epoch']} by "
-        f"validation loss, seed {hp['seed']}",
+        f"- backbone `{config.backbone}` (timm), weights `{hp.weights}`, fine-tuned on "
+        f"{config.input_size}×{config.input_size} grayscale input; covid-xray {__version__}",
+        f"- training: {config.training['epochs_run']} epochs, selected epoch {config.training['best_epoch']} by "
+        f"validation loss, seed {hp.seed}",
         "",
         "## Data and its caveats",
         "",
@@ -103,25 +56,25 @@ def render(config: dict[str, Any], metrics: dict[str, Any], audit_report: audit.
         "",
         "### All test images",
         "",
-        evaluation.metrics_table(test),
+        report.metrics_table(test),
         "",
     ]
     if dedup is not None and dedup["excluded"]:
         lines += [f"### Without the {len(dedup['excluded'])} test images that copy training images", "",
-                  evaluation.metrics_table(dedup), ""]
+                  report.metrics_table(dedup), ""]
     if "per_source" in metrics:
         holdout = d.get("holdout_source")
         lines += ["### Per data source", "",
                   (f"`{holdout}` was held out: the model never saw it, so its row is the best estimate of how the model "
                    "does at a new site. " if holdout else "") + "Each source's test images:", "",
-                  evaluation.per_source_table(metrics["per_source"], holdout), ""]
+                  report.per_source_table(metrics["per_source"], holdout), ""]
     lines += [
-        trust_section(metrics, "##"),
+        report.trust_section(metrics, "##"),
         "",
         "## Shortcut probes",
         "",
         f"- metadata probe: {audit.probe_explanation(probe)}" if probe else "- metadata probe: not run",
-        f"- masked lung field: {audit.masked_explanation(metrics['test_masked'])}",
+        f"- masked lung field: {report.masked_explanation(metrics['test_masked'])}",
         "",
         "## Known limitations",
         "",

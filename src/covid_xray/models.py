@@ -10,10 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import DEFAULT_BACKBONE
 from .errors import ModelError
-
-DEFAULT_BACKBONE = "tf_efficientnet_lite0"
-
 
 # Backbones whose official ImageNet weights (Apache-2.0) come with a pip package, so `--weights imagenet`
 # works offline. The files use lukemelas naming and are loaded by position. Lite0 is a dependency; lite1 and
@@ -191,6 +189,5 @@ def predict_outputs(model: XrayNet, images, batch_size: int = 32) -> tuple[np.nd
 
 def predict_probs(model: XrayNet, images, batch_size: int = 32) -> np.ndarray:
     """Class probabilities (N×C float32, fp32 compute) for uint8 images N×H×W, in batches."""
-    from .evaluation import softmax
-
-    return softmax(predict_outputs(model, images, batch_size)[0])
+    logits = torch.from_numpy(predict_outputs(model, images, batch_size)[0])
+    return torch.softmax(logits.double(), dim=1).float().numpy()  # in float64, then float32

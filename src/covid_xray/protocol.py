@@ -144,13 +144,13 @@ def preprocess(predictor: Predictor, payloads: list[bytes]) -> np.ndarray:
 def model_identity(predictor: Predictor) -> dict[str, Any]:
     """What answered: the backbone and a fingerprint of the bundle (its config.json, which pins the
     weights' SHA-256), so a client can tell which model made a prediction."""
-    canonical = json.dumps(predictor.config, sort_keys=True, separators=(",", ":")).encode()
+    canonical = json.dumps(predictor.config.to_dict(), sort_keys=True, separators=(",", ":")).encode()
     return {
-        "backbone": predictor.config.get("backbone"),
+        "backbone": predictor.config.backbone,
         "fingerprint": hashlib.sha256(canonical).hexdigest()[:16],
         "classes": predictor.classes,
         "input_size": predictor.size,
-        "package_version": predictor.config.get("package_version"),
+        "package_version": predictor.config.package_version,
     }
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -30,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import add_train_options, train_config
 from ..errors import CovidXrayError
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the covid_xray package this code runs from
@@ -94,22 +94,9 @@ class SageMakerEnv:
         return max(1, self.num_gpus)  # one process per GPU, one per CPU host (as AWS's toolkit does)
 
 
-def _to_bool(value: str) -> bool:
-    """SageMaker passes booleans as 'True'/'False' (str of the JSON-decoded value)."""
-    lowered = value.strip().lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
-
-
 def build_parser(env: SageMakerEnv) -> argparse.ArgumentParser:
-    """One `--name value` option per scalar `TrainConfig` field, so hyperparameters cannot drift from the
-    training code. Both `--image-size` and `--image_size` are accepted: users of the SageMaker SDK
-    write hyperparameter names either way."""
-    from ..training import TrainConfig
-
+    """One `--name value` option per training setting (config.TrainConfig), so hyperparameters cannot
+    drift from the training code or from `covid-xray train`."""
     parser = argparse.ArgumentParser(
         prog="covid_xray.sagemaker.entry", description="SageMaker script-mode training for covid-xray.",
         allow_abbrev=False,  # a misspelt hyperparameter must fail, not quietly match a longer name
@@ -124,28 +111,8 @@ def build_parser(env: SageMakerEnv) -> argparse.ArgumentParser:
         "--output-data-dir", "--output_data_dir", default=env.output_data_dir,
         help="reports, plots, metrics.json ($SM_OUTPUT_DATA_DIR)",
     )
-    defaults = TrainConfig()
-    for name, kind in _hyperparameter_fields().items():
-        dashed = name.replace("_", "-")
-        names = [f"--{dashed}"] + ([f"--{name}"] if dashed != name else [])
-        default = getattr(defaults, name)
-        parser.add_argument(*names, dest=name, type=_to_bool if kind is bool else kind, default=default,
-                            metavar=kind.__name__.upper(), help=f"default: {default}")
+    add_train_options(parser, hyperparameters=True)
     return parser
-
-
-def _hyperparameter_fields() -> dict[str, type]:
-    """TrainConfig's scalar fields and their types (`int | None` → int); the others (such as
-    `extra`, a dict) are not command-line values."""
-    from ..training import TrainConfig
-
-    hints = typing.get_type_hints(TrainConfig)
-    fields: dict[str, type] = {}
-    for f in dataclasses.fields(TrainConfig):
-        kinds = [t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None)]
-        if len(kinds) == 1 and kinds[0] in (bool, int, float, str):
-            fields[f.name] = kinds[0]
-    return fields
 
 
 def hyperparameter_args(hyperparameters: typing.Mapping[str, object]) -> list[str]:
@@ -186,8 +153,8 @@ def check_hyperparameters(hyperparameters: typing.Mapping[str, object]) -> None:
 
 def metric_definitions(classes: typing.Sequence[str] = DEFAULT_CLASSES) -> list[dict[str, str]]:
     """SageMaker metric definitions matching the `name=value` lines training prints. The names
-    come from `evaluation.summary_lines` itself, so a regex cannot drift from what is printed."""
-    from ..evaluation import summary_lines
+    come from `metrics.summary_lines` itself, so a regex cannot drift from what is printed."""
+    from ..metrics import summary_lines
 
     placeholder = {"accuracy": 0.0, "macro_auc": 0.0,
                    "per_class": {c: {"sensitivity": 0.0, "specificity": 0.0} for c in classes}}
@@ -276,14 +243,14 @@ def publish_model(bundle: Path, model_dir: Path) -> None:
 
 def train(args: argparse.Namespace) -> int:
     from ..data import Source
-    from ..training import TrainConfig, train_run
+    from ..training import train_run
 
-    cfg = TrainConfig(**{name: getattr(args, name) for name in _hyperparameter_fields()})
+    cfg = train_config(args)
     out = Path(args.output_data_dir)
     with dataset_view(args.train, args.test) as data:
         sources = [Source("train", data)] + [Source(name, Path(path)) for name, path in args.sources.items()]
         result = train_run(cfg, sources, out, log=lambda message: print(message, flush=True))
-    if result:  # empty on the ranks of a distributed job that do not write
+    if result:  # None on the ranks of a distributed job that do not write
         publish_model(out / "model", Path(args.model_dir))
         print(f"model: {args.model_dir}", flush=True)
     return 0

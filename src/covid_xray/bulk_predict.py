@@ -1,4 +1,6 @@
-"""Batch prediction over folders of thousands of images.
+"""Bulk prediction over files: folders of thousands of images → one prediction row each (`covid-xray
+predict`). Owns expanding paths to image files, the DataLoader that decodes them, `iter_predictions`
+and `PredictionCSV`. Not to be confused with the server's micro-batcher (`batcher.py`).
 
 Files are decoded in DataLoader worker processes while the model predicts the previous batch;
 results stream out in input order, so a CSV can be written (and flushed) as they come and a run
@@ -15,9 +17,10 @@ from typing import Any, Self
 
 import numpy as np
 
-from .data import load_image
+from .images import load_image
 from .errors import CovidXrayError, ImageError
 from .inference import Predictor
+from .util import cpu_count
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
 
@@ -62,7 +65,7 @@ def _keep_as_list(items):  # module level: DataLoader workers pickle the collate
 
 def default_workers(n_files: int, batch_size: int) -> int:
     # Worker processes cost ~a second to start: not worth it for a batch or two.
-    return 0 if n_files <= 2 * batch_size else min(4, os.cpu_count() or 1)
+    return 0 if n_files <= 2 * batch_size else min(4, cpu_count())
 
 
 def iter_predictions(predictor: Predictor, paths: list[Path], *, batch_size: int = 32,
@@ -132,3 +135,17 @@ class PredictionCSV:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def print_predictions(rows: list[dict[str, Any]], classes: list[str]) -> None:
+    """The table `predict` prints without --json: one row an image, its probabilities and flags."""
+    width = max(len(r["path"]) for r in rows)
+    print(f"{'image':<{width}}  {'label':<16}  " + "  ".join(f"{c:>16}" for c in classes) + "  flags")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['path']:<{width}}  error: {r['error']}")
+            continue
+        flags = ("NOT A CHEST X-RAY? (out of distribution): REFER" if r.get("ood")
+                 else "REFER: low confidence" if r.get("refer") else "")
+        print(f"{r['path']:<{width}}  {r['label']:<16}  " + "  ".join(f"{r['probabilities'][c]:>16.4f}" for c in classes)
+              + "  " + flags)

@@ -1,0 +1,182 @@
+"""The endpoints `deploy` makes and later commands reach again: `covid-xray serve` on a loopback
+port for local-process, a SageMaker endpoint (local mode or managed) behind the SDK's Predictor, and
+a local-mode endpoint seen from another process. `Endpoint` is what every one of them offers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..errors import CovidXrayError
+from . import entry
+from .jobs import LOCAL_MODES, LOCAL_PROCESS, _extract
+from .local_process import free_port
+from .sdk import IMAGE_CONTENT_TYPE, _sdk_predictor, make_session
+
+# Where SageMaker local mode serves an endpoint (the SDK's default local.serving_port).
+LOCAL_MODE_URL = "http://localhost:8080"
+
+
+class Endpoint(Protocol):
+    """What every endpoint here offers, like the SDK's Predictor: `predict` answers with the
+    endpoint's JSON (`predictions`, one per image, and `model`); `describe` is what `deploy`
+    records, from which `endpoint_from_state` reaches the endpoint again in another process."""
+
+    def predict(self, image: bytes) -> dict[str, Any]: ...
+
+    def delete_endpoint(self) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class LocalProcessEndpoint:
+    """`covid-xray serve` on a loopback port, serving model.tar.gz unpacked as SageMaker would."""
+
+    def __init__(self, url: str, pid: int, model_dir: str, proc: subprocess.Popen | None = None):
+        self.url, self.pid, self.model_dir = url, pid, model_dir
+        self._proc = proc  # set in the process that started the server
+
+    @classmethod
+    def start(cls, model_data: str | os.PathLike, workdir: str | os.PathLike, *, port: int | None = None,
+              timeout_s: float = 180) -> LocalProcessEndpoint:
+        workdir = Path(workdir).resolve()
+        model_dir = _extract(Path(model_data), workdir / "model")
+        port = port or free_port()
+        with open(workdir / "serve.log", "wb") as log_file:  # the server keeps its own copy of the descriptor
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "covid_xray.cli", "serve", str(model_dir),
+                 "--host", "127.0.0.1", "--port", str(port)],
+                stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": entry.child_pythonpath()},
+                start_new_session=True,  # outlives the `deploy` command; `cleanup` stops it
+            )
+        endpoint = cls(f"http://127.0.0.1:{port}", proc.pid, str(model_dir), proc)
+        endpoint._wait_ready(timeout_s, workdir / "serve.log")
+        return endpoint
+
+    def _wait_ready(self, timeout_s: float, log_path: Path) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+                raise CovidXrayError(f"the endpoint exited while starting (status {self._proc.returncode}): " + " / ".join(tail))
+            try:
+                with urllib.request.urlopen(f"{self.url}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.25)
+        self.delete_endpoint()
+        raise CovidXrayError(f"the endpoint did not answer /ping within {timeout_s:.0f} s; see {log_path}")
+
+    def predict(self, image: bytes, content_type: str = IMAGE_CONTENT_TYPE) -> dict[str, Any]:
+        return http_invoke(self.url, image, content_type)
+
+    def delete_endpoint(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after 20 s); a no-op when it is already gone."""
+        for sig, grace_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+            if not self._running():
+                return
+            os.kill(self.pid, sig)
+            deadline = time.monotonic() + grace_s
+            while self._running() and time.monotonic() < deadline:
+                time.sleep(0.1)
+
+    def _running(self) -> bool:
+        if self._proc is not None:  # our child: poll() also reaps it
+            return self._proc.poll() is None
+        return _serves(self.pid, self.model_dir)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": LOCAL_PROCESS, "url": self.url, "pid": self.pid, "model_dir": self.model_dir}
+
+
+def _serves(pid: int, model_dir: str) -> bool:
+    """Whether pid is a live server of this very model folder, so that a recycled pid is never
+    signalled. Without /proc (macOS), whether the pid exists at all."""
+    if Path("/proc/self").exists():
+        try:
+            return model_dir in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class SageMakerEndpoint:
+    """A SageMaker (local mode or managed) endpoint behind the SDK's Predictor."""
+
+    def __init__(self, predictor, instance_type: str):
+        self.predictor, self.instance_type = predictor, instance_type
+
+    def predict(self, image: bytes) -> dict[str, Any]:
+        return self.predictor.predict(image)
+
+    def delete_endpoint(self) -> None:
+        self.predictor.delete_model()
+        self.predictor.delete_endpoint()
+
+    def describe(self) -> dict[str, Any]:
+        described = {"kind": self.instance_type, "name": self.predictor.endpoint_name,
+                     "region": self.predictor.sagemaker_session.boto_region_name}
+        return described | ({"url": LOCAL_MODE_URL} if self.instance_type in LOCAL_MODES else {})
+
+
+def http_invoke(
+    url: str, image: bytes, content_type: str = IMAGE_CONTENT_TYPE, timeout_s: float = 120
+) -> dict[str, Any]:
+    """POST /invocations, as SageMaker's runtime does; an error response becomes one sentence."""
+    request = urllib.request.Request(f"{url}/invocations", data=image, method="POST",
+                                     headers={"Content-Type": content_type, "Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode(errors="replace")
+        try:
+            detail = json.loads(detail).get("error", detail)
+        except (json.JSONDecodeError, AttributeError):
+            pass
+        raise CovidXrayError(f"the endpoint refused the request ({e.code}): {detail}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise CovidXrayError(f"no endpoint answering at {url} ({getattr(e, 'reason', e)}): deploy it first") from None
+
+
+class LocalModeEndpoint:
+    """A local-mode endpoint seen from another process: reachable over HTTP, but owned (and
+    deleted) by the process that deployed it."""
+
+    def __init__(self, url: str = LOCAL_MODE_URL, kind: str = "local"):
+        self.url, self.kind = url, kind
+
+    def predict(self, image: bytes) -> dict[str, Any]:
+        return http_invoke(self.url, image)
+
+    def delete_endpoint(self) -> None:
+        raise CovidXrayError("a local-mode endpoint lives as long as the 'deploy' command serving it: press Ctrl-C there")
+
+    def describe(self) -> dict[str, Any]:
+        # Only what endpoint_from_state reads back: the SDK's name for it belongs to its deploy process.
+        return {"kind": self.kind, "url": self.url}
+
+
+def endpoint_from_state(described: Mapping[str, Any]) -> Endpoint:
+    """The endpoint that `deploy` recorded (`describe()`), from another process."""
+    kind = described["kind"]
+    if kind == LOCAL_PROCESS:
+        return LocalProcessEndpoint(described["url"], described["pid"], described["model_dir"])
+    if kind in LOCAL_MODES:
+        return LocalModeEndpoint(described["url"], kind)
+    return SageMakerEndpoint(_sdk_predictor(described["name"], make_session(kind, described.get("region"))), kind)

@@ -1,0 +1,78 @@
+"""What every way of running the training job shares: the instance types and the checks that choose
+between them, the `source_dir` the job runs from, and what a finished job leaves (`TrainingJob`, its
+archives). `sdk`, `local_process` and `endpoints` build on this module; it imports nothing heavy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import CovidXrayError
+from . import entry
+
+LOCAL_PROCESS = "local-process"
+LOCAL_MODES = ("local", "local_gpu")
+BASE_JOB_NAME = "covid-xray"
+
+Log = Callable[[str], None]
+
+
+# --- what a job is -------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingJob:
+    """A finished training job: where its model.tar.gz is and what it reported."""
+
+    name: str
+    instance_type: str
+    model_data: str  # a local path (local-process, local mode) or an s3:// URI
+    output_dir: str | None = None  # reports, plots, metrics.json, when they are on this machine
+    metrics: dict[str, float] = field(default_factory=dict)
+    region: str | None = None
+
+
+def stage_source_dir(dest: str | os.PathLike) -> Path:
+    """The `source_dir` SageMaker uploads: train.py at its root, the covid_xray package next to it
+    (the container does not have it), and requirements.txt, which the container installs first."""
+    dest = Path(dest)
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    shutil.copyfile(entry.TRAIN_SCRIPT, dest / "train.py")
+    entry.copy_package(dest)
+    (dest / "requirements.txt").write_text("\n".join(entry.TRAINING_REQUIREMENTS) + "\n")
+    return dest
+
+
+def _extract(archive: Path, dest: Path) -> Path:
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")  # refuses absolute paths, links out of dest, devices
+    return dest
+
+
+# --- environment checks: one sentence each, never an SDK traceback ----------------------------
+
+
+def docker_available() -> bool:
+    if not shutil.which("docker"):
+        return False
+    try:
+        return subprocess.run(["docker", "info"], check=False, capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def check_instance_type(instance_type: str, instance_count: int = 1) -> None:
+    if instance_type not in (LOCAL_PROCESS, *LOCAL_MODES) and not instance_type.startswith("ml."):
+        raise CovidXrayError(f"unknown instance type {instance_type!r}: use local-process, local, local_gpu or an ml.* type")
+    if instance_count < 1:
+        raise CovidXrayError("instance count must be at least 1")
+    if instance_type == "local_gpu" and instance_count > 1:
+        raise CovidXrayError("SageMaker local mode runs one GPU instance: use --instance-count 1 with local_gpu")
