@@ -31,3 +31,20 @@ def test_bundle_predicts_real_test_images_from_the_command_line(trained_run, dat
     rows = json.loads(result.stdout)
     assert [r["path"] for r in rows] == list(map(str, images))
     assert sum(r["label"] == p.parent.name for r, p in zip(rows, images)) >= 3
+
+
+def test_evaluate_prints_the_same_test_and_deduplicated_figures_as_the_run(trained_run, dataset_dir):
+    result = subprocess.run(
+        [sys.executable, "-m", "covid_xray.cli", "evaluate", str(trained_run.run_dir / "model"), "--data",
+         str(dataset_dir), "--json"], capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    evaluated = json.loads(result.stdout)
+    saved = json.loads((trained_run.run_dir / "metrics.json").read_text())
+    for split in ("test", "test_dedup"):
+        for key in ("n", "accuracy", "confusion_matrix"):
+            assert evaluated[split][key] == saved[split][key], (split, key)
+        assert evaluated[split]["ci95"]["accuracy"] == saved[split]["ci95"]["accuracy"], split
+        for name, figures in saved[split]["per_class"].items():
+            assert evaluated[split]["per_class"][name]["sensitivity"] == figures["sensitivity"], (split, name)
+    assert evaluated["test_dedup"]["excluded"] == saved["test_dedup"]["excluded"]
