@@ -66,7 +66,10 @@ def test_referral_summary_counts_referred_and_the_accuracy_of_the_rest():
     probs = np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
     y = [0, 1, 1, 0]
     summary = referral_summary(probs, y, np.array([False, False, True, True]), positive=0)
-    assert summary == {"n": 4, "referred_rate": 0.5, "accuracy_not_referred": 1.0, "covid_sensitivity_with_referral": 1.0}
+    assert summary == {"n": 4, "referred_rate": 0.5, "accuracy_not_referred": 1.0, "confidently_wrong_rate": 0.0,
+                       "covid_sensitivity_with_referral": 1.0}
+    # Nothing referred: the two wrong answers would be acted on.
+    assert referral_summary(probs, y, np.zeros(4, bool), positive=0)["confidently_wrong_rate"] == 0.5
 
 
 def test_refer_when_out_of_distribution_or_below_the_threshold():

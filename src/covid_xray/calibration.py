@@ -85,7 +85,9 @@ def referral_summary(probs: np.ndarray, labels, referred: np.ndarray, positive: 
     y, referred = np.asarray(labels, int), np.asarray(referred, bool)
     correct = probs.argmax(1) == y
     summary = {"n": int(len(y)), "referred_rate": round(float(referred.mean()), 4) if len(y) else None,
-               "accuracy_not_referred": round(float(correct[~referred].mean()), 4) if (~referred).any() else None}
+               "accuracy_not_referred": round(float(correct[~referred].mean()), 4) if (~referred).any() else None,
+               # Wrong and not referred: the answers a triage team would act on, wrongly.
+               "confidently_wrong_rate": round(float((~correct & ~referred).mean()), 4) if len(y) else None}
     if positive is not None and (y == positive).any():
         caught = (probs.argmax(1) == positive) | referred
         summary["covid_sensitivity_with_referral"] = round(float(caught[y == positive].mean()), 4)

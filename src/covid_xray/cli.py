@@ -62,11 +62,16 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_bundle
+    from .evaluation import evaluate_bundle, evaluate_external
     from .inference import Predictor
-    from .report import confusion_table, metrics_table, per_source_table
+    from .report import confusion_table, external_text, metrics_table, per_source_table
 
     predictor = Predictor.from_bundle(args.bundle, backend=args.backend)
+    if args.external:
+        result = evaluate_external(predictor.config, predictor.assess, args.data, skip_bad=args.skip_bad_images,
+                                   n_boot=args.bootstrap)
+        print(json.dumps(result, indent=2) if args.json else external_text(result, predictor.classes))
+        return 0
     metrics = evaluate_bundle(predictor.config, predictor.probabilities, args.data, args.split,
                               skip_bad=args.skip_bad_images, n_boot=args.bootstrap)
     if args.json:
@@ -229,11 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, help="train with N processes via torchrun (DDP; gloo on CPU)")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("evaluate", help="re-evaluate a bundle on a dataset split")
+    p = sub.add_parser("evaluate", help="re-evaluate a bundle on a dataset split, or on another site's labelled films")
     p.add_argument("bundle")
     p.add_argument("--data", action="append", metavar="[NAME=]PATH",
                    help="the data the bundle was trained on: every source again, under the same names")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--external", action="store_true",
+                   help="evaluate on every image of one labelled folder the bundle was not trained on "
+                        "(--data NAME=DIR: another site's films), with the referral table")
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
     p.add_argument("--bootstrap", type=int,
                    help="bootstrap resamples for the confidence intervals (default: as in training)")

@@ -207,6 +207,13 @@ def _given_splits(root: Path, *, single: bool) -> tuple[str, dict[str, list[tupl
     return layout, given
 
 
+def labelled_files(root: Path) -> tuple[str, list[tuple[Path, str]]]:
+    """A source's layout and every (path, class name) it holds, whatever split each is in: the films of a
+    site a bundle was not trained on, for external evaluation."""
+    layout, given = _given_splits(root, single=False)
+    return layout, [item for split in SPLITS for item in given.get(split, [])]
+
+
 def _check_classes(given: dict[str, tuple[str, dict[str, list[tuple[Path, str]]]]], holdout: str | None) -> list[str]:
     """All sources' class names, sorted. Refuses a source whose class names differ from another
     source's only in spelling (case, spaces, underscores, hyphens: one class under two names), a

@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .audit import AuditReport
-from .data import Dataset, Sample, discover, parse_sources
-from .images import Decoded
+from .calibration import expected_calibration_error, referral_summary
+from .data import Dataset, Sample, discover, labelled_files, parse_sources
 from .duplicates import leaked_test_paths
-from .errors import ModelError
+from .errors import DataError, ModelError
+from .images import Decoded
 from .metrics import compute_metrics, per_source_metrics
 
 if TYPE_CHECKING:  # the bundle stage comes after this one; only its config type is needed here
@@ -138,3 +139,46 @@ def evaluate_bundle(config: BundleConfig, probabilities: Callable[[np.ndarray], 
                                n_boot=hp.bootstrap if n_boot is None else n_boot, seed=hp.seed)
     metrics["skipped_images"] = decoded.bad
     return metrics
+
+
+def external_samples(config: BundleConfig, data: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[Sample]:
+    """Every labelled film of one site the bundle was not trained on, labelled with the bundle's class
+    indices; the site may lack a class, but a class the bundle does not know is refused."""
+    sources = parse_sources(data)
+    if len(sources) != 1:
+        raise DataError("--external evaluates one labelled folder: pass one --data NAME=DIR")
+    source = sources[0]
+    _, files = labelled_files(source.path)
+    index = {name: i for i, name in enumerate(config.classes)}
+    unknown = sorted({label for _, label in files} - set(index))
+    if unknown:
+        raise DataError(f"{source.path} has classes the bundle does not know ({', '.join(unknown)}); the bundle's "
+                        f"classes are {', '.join(config.classes)}: rename those folders (or manifest labels) to match")
+    return [Sample(path, index[label], source.name) for path, label in files]
+
+
+def evaluate_external(config: BundleConfig, assess: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+                      data: str | os.PathLike | Sequence[str | os.PathLike] | None, *, skip_bad: bool = False,
+                      n_boot: int | None = None) -> dict[str, Any]:
+    """`covid-xray evaluate --external`: the bundle on every image of a labelled folder it was not trained
+    on — the test split's metrics, calibration (ECE) and the referral table (share referred, accuracy of
+    the rest, confidently wrong, Covid detected or referred). `assess` maps uint8 N×S×S images to
+    calibrated probabilities and `refer` flags (`Predictor.assess`)."""
+    from .images import decode_samples
+    from .trust import covid_index
+
+    samples = external_samples(config, data)
+    decoded = decode_samples(samples, config.input_size, skip_bad=skip_bad)
+    if not decoded.samples:
+        raise DataError("no readable image to evaluate")
+    probs, referred = assess(decoded.images[:])
+    labels = [s.label for s in decoded.samples]
+    hp = config.hyperparameters
+    return {
+        "source": samples[0].source,
+        "external": compute_metrics(labels, probs, config.classes, n_boot=hp.bootstrap if n_boot is None else n_boot,
+                                    seed=hp.seed),
+        "calibration": {"ece": round(expected_calibration_error(probs, labels), 4)},
+        "referral": referral_summary(probs, labels, referred, covid_index(config.classes)),
+        "skipped_images": decoded.bad,
+    }

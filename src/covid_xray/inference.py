@@ -172,6 +172,13 @@ class Predictor:
             return [Scores(p, None) for p in probs]
         return [Scores(p, float(s)) for p, s in zip(probs, self.guard.score(features, images))]
 
+    def assess(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """N×size×size uint8 → calibrated N×C probabilities and each image's `refer` flag, as `result` sets it."""
+        scores = self.score(images)
+        probs = np.stack([s.probabilities for s in scores])
+        flags = None if self.guard is None else self.guard.flags(np.array([s.ood_score for s in scores]))
+        return probs, refer(probs, flags, self.refer_below)
+
     def result(self, scores: Scores) -> dict[str, Any]:
         """The JSON-ready prediction: label, probabilities, and the flags a clinician must see.
 

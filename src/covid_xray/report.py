@@ -253,3 +253,20 @@ def _dedup_section(metrics: dict[str, Any], classes: list[str]) -> list[str]:
         "Left out: " + ", ".join(f"`{p}`" for p in dedup["excluded"]),
         "",
     ]
+
+
+def external_text(result: dict[str, Any], classes: list[str]) -> str:
+    """What `evaluate --external` prints: the metrics, the confusion matrix, calibration and the referral table."""
+    metrics, referral = result["external"], result["referral"]
+    lines = [
+        f"every image of `{result['source']}` (never trained on)", "",
+        metrics_table(metrics), "", confusion_table(metrics, classes), "",
+        f"expected calibration error (10 bins): {result['calibration']['ece']:.3f}", "",
+        "| referred | accuracy of the rest | confidently wrong | Covid detected or referred |",
+        "| ---: | ---: | ---: | ---: |",
+        f"| {_pct(referral['referred_rate'])} | {_pct(referral['accuracy_not_referred'])} "
+        f"| {_pct(referral['confidently_wrong_rate'])} | {_pct(referral.get('covid_sensitivity_with_referral'))} |",
+    ]
+    if result["skipped_images"]:
+        lines += ["", f"unreadable images skipped: {len(result['skipped_images'])}"]
+    return "\n".join(lines)
