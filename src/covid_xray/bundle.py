@@ -152,9 +152,9 @@ def verify_file(bundle: Path, name: str, config: BundleConfig, *, recorded: bool
 
 
 def add_files(path: str | os.PathLike, files: dict[str, Path], onnx: dict[str, Any]) -> BundleConfig:
-    """Move finished files (e.g. model.onnx) into an existing bundle and record their SHA-256 and
-    `onnx` (what the export measured) in config.json. The config is replaced last and atomically, so an interrupted call
-    leaves files that load refuses (unrecorded or mismatched checksum), never a silently wrong one."""
+    """Move finished files (e.g. model.onnx) into an existing bundle and record their SHA-256 and `onnx`
+    (what the export measured) in config.json. The config is replaced last and atomically, so an interrupted
+    call leaves files that load refuses (unrecorded or mismatched checksum), never a silently wrong one."""
     path = Path(path)
     config = read_config(path)
     checksums = {name: sha256_file(src) for name, src in files.items()}

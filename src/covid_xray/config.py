@@ -103,9 +103,9 @@ def add_train_options(parser: argparse.ArgumentParser, *, hyperparameters: bool 
     """One option per setting. For the CLI, booleans are `--name/--no-name` switches; as SageMaker
     hyperparameters every setting is `--name value` (booleans as true/false) and may also be spelt with
     underscores, as users of the SageMaker SDK write hyperparameter names either way."""
-    defaults = TrainConfig()
+    defaults, types = TrainConfig(), setting_types()
     for f in dataclasses.fields(TrainConfig):
-        kind = setting_types()[f.name]
+        kind = types[f.name]
         dashed = f.name.replace("_", "-")
         names = [f"--{dashed}"] + ([f"--{f.name}"] if hyperparameters and dashed != f.name else [])
         default = getattr(defaults, f.name)

@@ -148,7 +148,7 @@ def discover(
         raise DataError(f"unknown --holdout-source {holdout!r}: the sources are {', '.join(names)}")
     if holdout is not None and len(sources) == 1:
         raise DataError(f"--holdout-source {holdout!r} is the only source: pass another --data to train on")
-    given = {s.name: _given_splits(s.path, single=len(sources) == 1) for s in sources}
+    given = {s.name: given_splits(s.path, single=len(sources) == 1) for s in sources}
     classes = _check_classes(given, holdout)
     index = {c: i for i, c in enumerate(classes)}
 
@@ -173,7 +173,7 @@ def discover(
     return Dataset(classes, splits, layout, carved, root, found, holdout)
 
 
-def _given_splits(root: Path, *, single: bool) -> tuple[str, dict[str, list[tuple[Path, str]]]]:
+def given_splits(root: Path, *, single: bool) -> tuple[str, dict[str, list[tuple[Path, str]]]]:
     """A source's layout and the (path, class name) items of the splits it provides."""
     if not root.exists():
         raise DataError(f"{root} does not exist")
@@ -181,11 +181,11 @@ def _given_splits(root: Path, *, single: bool) -> tuple[str, dict[str, list[tupl
         if root.suffix.lower() != ".csv":
             raise DataError(f"{root} is a file but not a CSV manifest (path,label[,split])")
         given, layout = _read_manifest(root), "csv"
-    elif _class_dirs(root / "train"):
+    elif class_dirs(root / "train"):
         given, layout = {"train": _scan_class_dirs(root / "train")}, "kaggle"
         if (root / "test").is_dir():
             given["test"] = _scan_class_dirs(root / "test")
-    elif _class_dirs(root):
+    elif class_dirs(root):
         given, layout = {"train": _scan_class_dirs(root)}, "folders"
     else:
         raise DataError(
@@ -207,11 +207,11 @@ def _given_splits(root: Path, *, single: bool) -> tuple[str, dict[str, list[tupl
     return layout, given
 
 
-def labelled_files(root: Path) -> tuple[str, list[tuple[Path, str]]]:
-    """A source's layout and every (path, class name) it holds, whatever split each is in: the films of a
-    site a bundle was not trained on, for external evaluation."""
-    layout, given = _given_splits(root, single=False)
-    return layout, [item for split in SPLITS for item in given.get(split, [])]
+def labelled_files(root: Path) -> list[tuple[Path, str]]:
+    """Every (path, class name) a source holds, whatever split each is in: the films of a site a bundle
+    was not trained on, for external evaluation."""
+    _, given = given_splits(root, single=False)
+    return [item for split in SPLITS for item in given.get(split, [])]
 
 
 def _check_classes(given: dict[str, tuple[str, dict[str, list[tuple[Path, str]]]]], holdout: str | None) -> list[str]:
@@ -254,7 +254,7 @@ def _carve(splits: dict[str, list[Sample]], val_fraction: float, test_fraction: 
     return splits, carved
 
 
-def _class_dirs(folder: Path) -> list[Path]:
+def class_dirs(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -266,7 +266,7 @@ def _is_candidate(path: Path) -> bool:
 
 def _scan_class_dirs(folder: Path) -> list[tuple[Path, str]]:
     items = []
-    for class_dir in _class_dirs(folder):
+    for class_dir in class_dirs(folder):
         files = sorted(p for p in class_dir.rglob("*") if _is_candidate(p))
         if not files:
             raise DataError(f"class folder {class_dir} has no images; remove it or add images")

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .data import DEFAULT_DATA_DIR, KAGGLE_DATASET, _class_dirs, _given_splits
+from .data import DEFAULT_DATA_DIR, KAGGLE_DATASET, class_dirs, given_splits
 from .errors import CovidXrayError, DataError
 
 KAGGLE_URL = f"https://www.kaggle.com/datasets/{KAGGLE_DATASET}"
@@ -111,7 +111,7 @@ def install_layout(downloaded: str | os.PathLike, dest: str | os.PathLike) -> Pa
     try:
         for split in ("train", "test"):
             shutil.copytree(root / split, tmp / split, copy_function=_link_or_copy)
-        _given_splits(tmp, single=True)  # what training will check (empty class folders, class sets differ)
+        given_splits(tmp, single=True)  # what training will check (empty class folders, class sets differ)
         if dest.exists():  # an empty folder (checked above): a rename cannot replace it everywhere
             dest.rmdir()
         tmp.rename(dest)
@@ -128,9 +128,9 @@ def find_dataset_root(tree: Path) -> Path | None:
     level = [tree] if tree.is_dir() else []
     for _ in range(MAX_DEPTH + 1):
         for folder in level:
-            if _class_dirs(folder / "train") and _class_dirs(folder / "test"):
+            if class_dirs(folder / "train") and class_dirs(folder / "test"):
                 return folder
-        level = [sub for folder in level for sub in _class_dirs(folder)]
+        level = [sub for folder in level for sub in class_dirs(folder)]
     return None
 
 
@@ -144,9 +144,9 @@ def _check_dest(dest: Path) -> bool:
     if not any(dest.iterdir()):
         return False
     problem = "it holds other files"
-    if _class_dirs(dest / "train") and _class_dirs(dest / "test"):
+    if class_dirs(dest / "train") and class_dirs(dest / "test"):
         try:
-            _given_splits(dest, single=True)
+            given_splits(dest, single=True)
             return True
         except DataError as e:
             problem = str(e)

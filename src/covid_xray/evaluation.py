@@ -148,7 +148,7 @@ def external_samples(config: BundleConfig, data: str | os.PathLike | Sequence[st
     if len(sources) != 1:
         raise DataError("--external evaluates one labelled folder: pass one --data NAME=DIR")
     source = sources[0]
-    _, files = labelled_files(source.path)
+    files = labelled_files(source.path)
     index = {name: i for i, name in enumerate(config.classes)}
     unknown = sorted({label for _, label in files} - set(index))
     if unknown:

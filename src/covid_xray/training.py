@@ -22,13 +22,13 @@ from torch import nn
 
 from . import audit, model_card, ood, plots
 from . import data as data_mod
-from .images import Decoded, decode_samples
 from .bundle import BundleConfig, save_bundle
 from .calibration import softmax
 from .config import MIN_IMAGE_SIZE, TrainConfig
 from .duplicates import leaked_test_paths
 from .errors import CovidXrayError
 from .evaluation import evaluate_outputs, masked_probe, split_test
+from .images import Decoded, decode_samples
 from .metrics import summary_lines
 from .models import XrayNet, create_model, input_size, predict_outputs, predict_probs
 from .report import write_report
@@ -232,11 +232,11 @@ def train_run(
     run_dir = Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
+    size = image_size(cfg)
 
     dataset = _discover(cfg, data, log)
     audit_report = _audit(dataset, run_dir, cfg.seed, log) if dist.main else None
-    decoded = {s: decode_samples(dataset[s], image_size(cfg), skip_bad=cfg.skip_bad_images)
-               for s in data_mod.SPLITS}
+    decoded = {s: decode_samples(dataset[s], size, skip_bad=cfg.skip_bad_images) for s in data_mod.SPLITS}
     for reason in _skipped(decoded):
         log(f"skipped unreadable image: {reason}")
     model = create_model(cfg.backbone, len(dataset.classes), cfg.weights)
@@ -248,11 +248,11 @@ def train_run(
 
     reported = {"val": decoded["val"], **split_test(decoded["test"], dataset.holdout)}
     outputs = _outputs(model, {"train": decoded["train"], **reported})
-    trust = fit_trust(outputs, dataset.classes, cfg.refer_sensitivity, _outlier_outputs(model, image_size(cfg)))
+    trust = fit_trust(outputs, dataset.classes, cfg.refer_sensitivity, _outlier_outputs(model, size))
     metrics, figures = _evaluate(model, reported, outputs, trust, dataset, audit_report, cfg, run_dir)
     plots.plot_learning_curves(fitted.history, fitted.best_epoch, run_dir / "learning_curves.png")
     figures.append("learning_curves.png")
-    config = _bundle_config(model, cfg, dataset, decoded, audit_report, fitted, metrics, trust,
+    config = _bundle_config(model, cfg, size, dataset, decoded, audit_report, fitted, metrics, trust,
                             seconds=time.time() - started, processes=dist.world)
     _write_bundle(run_dir / "model", model, config, trust, metrics, audit_report, cfg, log)
     atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2))
@@ -323,7 +323,7 @@ def _evaluate(model: XrayNet, reported: dict[str, Decoded], outputs: dict[str, S
     return metrics, figures
 
 
-def _bundle_config(model: XrayNet, cfg: TrainConfig, dataset: data_mod.Dataset, decoded: dict[str, Decoded],
+def _bundle_config(model: XrayNet, cfg: TrainConfig, size: int, dataset: data_mod.Dataset, decoded: dict[str, Decoded],
                    audit_report: audit.AuditReport, fitted: FitResult, metrics: dict[str, Any], trust: Trust, *,
                    seconds: float, processes: int) -> BundleConfig:
     data_info = {
@@ -347,7 +347,7 @@ def _bundle_config(model: XrayNet, cfg: TrainConfig, dataset: data_mod.Dataset, 
     return BundleConfig(
         backbone=cfg.backbone,
         classes=dataset.classes,
-        input_size=image_size(cfg),
+        input_size=size,
         normalization=model.normalization(),
         hyperparameters=cfg,
         training={"best_epoch": fitted.best_epoch, "epochs_run": len(fitted.history),
