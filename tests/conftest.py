@@ -31,6 +31,8 @@ def untrained_bundle(tmp_path_factory) -> Path:
     import torch
 
     from covid_xray.bundle import BundleConfig, save_bundle
+    from covid_xray.calibration import refer, softmax
+    from covid_xray.site_shift import Reference
     from covid_xray.models import create_model, predict_outputs
     from covid_xray.ood import FILE, OODGuard
 
@@ -43,8 +45,14 @@ def untrained_bundle(tmp_path_factory) -> Path:
                       for i in range(8) for size in (160, 256, 400) for fmt in ("JPEG", "PNG")])
     rng = np.random.default_rng(0)
     films = films[rng.permutation(len(films))]
-    _, features = predict_outputs(model, films)
-    guard = OODGuard.fit(features[:36], features[36:])
+    logits, features = predict_outputs(model, films)
+    # Labels by film (an untrained model's "classes"), so that the class distance is fitted and applied too.
+    guard = OODGuard.fit(features[:36], features[36:], np.arange(36) % 3, logits[36:].argmax(1))
+    val, probs = features[36:], softmax(logits[36:])
+    scores = guard.score(val, films[36:])
+    referred = refer(probs, guard.flags(scores), 0.95, guard.classes.flags(guard.classes.score(val, probs.argmax(1))))
+    site = Reference(n=len(val), referred=int(referred.sum()), scores=scores.tolist(),
+                     class_mix={"Covid": 0.34, "Normal": 0.33, "Viral Pneumonia": 0.33})
     path = tmp_path_factory.mktemp("bundles") / "untrained"
     config = BundleConfig(
         backbone="tf_efficientnet_lite0",
@@ -53,6 +61,7 @@ def untrained_bundle(tmp_path_factory) -> Path:
         normalization=model.normalization(),
         ood=guard.config(),
         referral={"threshold": 0.95},
+        site_reference=site.to_dict(),
     )
     return save_bundle(path, model, config, files={FILE: guard.to_bytes()})
 

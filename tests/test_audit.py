@@ -115,6 +115,20 @@ def test_metadata_probe_reports_chance_without_a_shortcut(tmp_path):
     assert "At chance level" in report.to_markdown()
 
 
+def test_audit_flags_a_native_size_only_one_class_has(tmp_path):
+    """radiography-dev's layout: Viral Pneumonia files 256², the others 224² — in one source."""
+    report = audit_dataset(discover(_probe_tree(tmp_path, {"A": 64, "B": 64, "C": 80})), probe=False)
+    assert [(c.label, c.size, c.share, c.others) for c in report.size_confounds] == [("C", "80×80", 1.0, 0.0)]
+    assert report.to_dict()["size_confounds"][0]["label"] == "C"
+    text = report.to_markdown()
+    assert "## Class × native size" in text and "tell the class" in text and "--texture-jitter" in text
+
+
+def test_audit_flags_no_size_when_every_class_shares_it(tmp_path):
+    report = audit_dataset(discover(_probe_tree(tmp_path, {"A": 72, "B": 72, "C": 72})), probe=False)
+    assert report.size_confounds == [] and "native size" not in report.to_markdown()
+
+
 def test_masked_probe_tells_border_cues_from_lung_cues():
     rng = np.random.default_rng(0)
     labels = np.arange(40) % 2

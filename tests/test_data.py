@@ -213,3 +213,20 @@ def test_decoded_images_are_cached_on_disk_by_content(tmp_path):
     assert [f.stat().st_mtime_ns for f in files] == mtimes
     assert np.array_equal(first.images[:], second.images[:])
     assert np.array_equal(first.images[0], load_image(samples[0].path, 40))
+
+
+def test_texture_jitter_blurs_and_compresses_but_keeps_the_film():
+    import torch
+
+    from covid_xray.data import TextureJitter
+
+    torch.manual_seed(0)
+    film = torch.from_numpy(np.asarray(xray_like(128, seed=3).convert("L")).copy())[None]
+    assert torch.equal(TextureJitter(p=0.0)(film), film)
+    out = TextureJitter(p=1.0, low=0.4)(film)
+    assert out.shape == film.shape and out.dtype == torch.uint8
+    def detail(x):  # fine detail: mean difference between neighbouring pixels
+        return x.float().diff(dim=-1).abs().mean()
+
+    assert detail(out) < 0.8 * detail(film)  # resolution lost
+    assert (out.float() - film.float()).abs().mean() < 12  # but the same film

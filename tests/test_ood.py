@@ -37,6 +37,39 @@ def test_guard_round_trips_through_bytes_and_config(tmp_path):
     assert loaded.threshold == pytest.approx(guard.threshold, abs=1e-6)
 
 
+def labelled(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Features of two classes, one cluster each in 64 dimensions, and their labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    return np.eye(64)[labels] * 10 + rng.normal(0, 1, (n, 64)), labels
+
+
+def test_class_distance_refers_films_unlike_the_training_films_of_the_class_they_are_called():
+    train, train_labels = labelled(200, 0)
+    val, val_labels = labelled(40, 1)
+    guard = OODGuard.fit(train, val, train_labels, val_labels)
+    familiar, familiar_labels = labelled(200, 2)
+    # A planted population shift: films that lie among class 1's training films but are called class 0 (the
+    # head read something else). Near training films, so the global guard passes them.
+    shifted = np.eye(64)[1] * 10 + np.random.default_rng(4).normal(0, 1, (200, 64))
+    called = np.zeros(200, int)
+    assert guard.flags(guard.score(shifted)).mean() <= 0.05
+    assert guard.classes.flags(guard.classes.score(shifted, called)).all()
+    assert guard.classes.flags(guard.classes.score(familiar, familiar_labels)).mean() <= 0.1
+    # The threshold is validation's 95th percentile: about one in twenty in-distribution films.
+    assert guard.classes.flags(guard.classes.score(val, val_labels)).mean() == pytest.approx(0.05, abs=0.03)
+
+
+def test_class_distance_round_trips_through_the_bundle_files(tmp_path):
+    train, labels = labelled(60, 0)
+    guard = OODGuard.fit(train, labelled(20, 1)[0], labels, labelled(20, 1)[1])
+    (tmp_path / "g.safetensors").write_bytes(guard.to_bytes())
+    loaded = OODGuard.load(tmp_path / "g.safetensors", guard.config())
+    features, predicted = labelled(5, 4)
+    np.testing.assert_allclose(loaded.classes.score(features, predicted), guard.classes.score(features, predicted))
+    assert loaded.classes.threshold == pytest.approx(guard.classes.threshold, abs=1e-5)
+
+
 def test_synthetic_outliers_cover_every_kind_at_the_requested_size():
     outliers = synthetic_outliers(48)
     assert set(outliers) == {"noise", "solid", "document", "pattern"}

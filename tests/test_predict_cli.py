@@ -55,9 +55,12 @@ def test_csv_then_resume_predicts_only_the_rest(untrained_bundle, folder, tmp_pa
     assert cli.main(["predict", str(untrained_bundle), str(folder), "--out", str(out), "--no-progress"]) == 1
     first = read_csv(out)
     assert len(first) == 7 and list(first[0]) == ["path", "label", "Covid", "Normal", "Viral Pneumonia", "ood",
-                                                  "ood_score", "refer", "error"]
+                                                  "ood_score", "atypical", "class_distance", "refer",
+                                                  "refer_reasons", "error"]
     good = next(r for r in first if not r["error"])
     assert good["ood"] in ("True", "False") and float(good["ood_score"]) >= 0 and good["refer"] in ("True", "False")
+    assert good["atypical"] in ("True", "False") and float(good["class_distance"]) >= 0
+    assert (good["refer_reasons"] != "") == (good["refer"] == "True")
     assert sum(bool(r["error"]) for r in first) == 1
 
     # A run killed mid-row, and new images arrived since.

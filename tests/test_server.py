@@ -141,6 +141,30 @@ def test_page_is_served_with_room_for_later_flags(client):
         assert element in r.text
 
 
+def test_rolling_window_flags_a_stream_of_shifted_films(untrained_bundle):
+    """/stats → site: too few films says nothing; films like the training ones are not shifted; a stream of
+    films from elsewhere (here: inverted, blurred, re-framed films) flips the flag."""
+    from PIL import ImageFilter, ImageOps
+
+    def shifted(seed: int) -> bytes:
+        film = xray_like(256, seed=seed).convert("L")
+        return encode(ImageOps.invert(film.filter(ImageFilter.GaussianBlur(6)).crop((0, 0, 140, 256))), "PNG")
+
+    with TestClient(create_app(untrained_bundle, SETTINGS)) as fresh:
+        wait_ready(fresh)
+        post(fresh, encode(xray_like(256, seed=5000), "JPEG"), "image/jpeg")
+        assert fresh.get("/stats").json()["site"]["shifted"] is None  # one film says nothing
+        for i in range(40):
+            post(fresh, encode(xray_like(256, seed=5001 + i), "JPEG"), "image/jpeg")
+        site = fresh.get("/stats").json()["site"]
+        assert site["n"] == 41 and site["shifted"] is False, site
+        for i in range(60):
+            assert post(fresh, shifted(6000 + i), "image/png").status_code == 200
+        site = fresh.get("/stats").json()["site"]
+        assert site["n"] == 101 and site["shifted"] is True and site["reasons"], site
+        assert "shifted" in site["verdict"]
+
+
 def test_stats_show_batches_and_settings(client):
     post(client, jpeg(), "image/jpeg")
     stats = client.get("/stats").json()

@@ -202,3 +202,26 @@ def test_sagemaker_channels_beyond_train_and_test_are_sources():
     env = SageMakerEnv.from_environ({"SM_CHANNELS": '["hospital", "test", "train"]', "SM_CHANNEL_TRAIN": "/t",
                                      "SM_CHANNEL_TEST": "/s", "SM_CHANNEL_HOSPITAL": "/h"})
     assert env.train == "/t" and env.test == "/s" and env.sources == {"hospital": "/h"}
+
+
+@pytest.mark.integration
+def test_training_reports_another_sites_films_next_to_the_test_split(two, tmp_path):
+    """`train --external NAME=DIR`: every film of a site it never trains on, in metrics.json, the report and
+    the model card; the bundle records what validation predicts for a site (check-site's reference)."""
+    hospital, _ = two
+    site = make_class_tree(tmp_path / "site", classes=("A", "B"), per_class=5, seed=5000)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(hospital), "--external", f"elsewhere={site}", "--out", str(out),
+                     "--weights", "none", "--image-size", "64", "--batch-size", "8", "--epochs", "1", "--no-onnx",
+                     "--texture-jitter", "--bootstrap", "20"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["external"]["n"] == 10 and metrics["external"]["source"] == "elsewhere"
+    assert set(metrics["referral"]["external"]) >= {"referred_rate", "confidently_wrong_rate"}
+    assert "external" in metrics["calibration"]["ece"] and "external" in metrics["ood"]["class_distance_flagged_rate"]
+    config = json.loads((out / "model/config.json").read_text())
+    assert config["metrics"]["external"]["n"] == 10 and config["hyperparameters"]["texture_jitter"] is True
+    reference = config["site_reference"]
+    assert reference["n"] == metrics["val"]["n"] == len(reference["scores"]) and 0 <= reference["referred"] <= reference["n"]
+    assert sum(reference["class_mix"].values()) == pytest.approx(1, abs=1e-3)
+    for text in ((out / "report.md").read_text(), (out / "model/MODEL_CARD.md").read_text()):
+        assert "Another site: every film of `elsewhere`" in text and "confidently wrong" in text

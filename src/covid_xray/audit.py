@@ -8,7 +8,7 @@ from __future__ import annotations
 import statistics
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,10 @@ from .duplicates import (
     find_near_pairs,
     inspect_file,
 )
+from .known_labels import MISLABELLED
+from .confounds import SizeConfound, SourceMix, size_confounds, source_mix, source_mix_markdown
 from .util import cpu_count, relative_path
-# Cramér's V between source and class: Cohen's conventional "medium" and "large" effects.
-CONFOUNDING_WEAK, CONFOUNDING_STRONG = 0.2, 0.5
+
 PROBE_FEATURES = ("width", "height", "aspect ratio", "mode", "format", "file size", "mean intensity", "std intensity")
 INTENSITY_FEATURES = ("mean intensity", "std intensity")
 
@@ -54,29 +55,6 @@ class ProbeResult:
         }
 
 
-@dataclass(frozen=True)
-class SourceMix:
-    """How the classes are spread over several data sources: when a source's class mix differs from
-    another's, the source (hospital, scanner, post-processing, patients' age) predicts the class."""
-
-    table: dict[str, dict[str, int]]  # source → class → files
-    holdout: str | None  # a source only tested on: left out of the measures below
-    cramers_v: float | None  # between training source and class: 0 same mix everywhere, 1 the source decides
-    p_value: float | None  # chi-square test of independence of training source and class
-    single_source_classes: dict[str, str]  # class → the only training source it comes from
-    single_class_sources: dict[str, str]  # training source → the only class it holds
-    verdict: str  # "none", "weak" or "strong"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "table": self.table, "holdout": self.holdout,
-            "cramers_v": None if self.cramers_v is None else round(self.cramers_v, 4),
-            "p_value": None if self.p_value is None else float(f"{self.p_value:.3g}"),
-            "single_source_classes": self.single_source_classes, "single_class_sources": self.single_class_sources,
-            "verdict": self.verdict,
-        }
-
-
 @dataclass
 class AuditReport:
     root: Path
@@ -90,6 +68,12 @@ class AuditReport:
     probe_skipped: str | None  # why the probe could not run (too few images per class)
     near_threshold: int
     source_mix: SourceMix | None = None  # only with several sources
+    size_confounds: list[SizeConfound] = field(default_factory=list)
+
+    @property
+    def known_mislabelled(self) -> list[tuple[FileInfo, str]]:
+        """Files whose label is known to be wrong (`known_labels`), with what they really are."""
+        return [(f, MISLABELLED[f.sha256]) for f in self.files if f.sha256 in MISLABELLED]
 
     @property
     def unreadable(self) -> list[FileInfo]:
@@ -153,6 +137,8 @@ class AuditReport:
             "per_class": self.per_class(),
             "metadata_probe": self.probe.to_dict() if self.probe else {"skipped": self.probe_skipped},
             "class_by_source": self.source_mix.to_dict() if self.source_mix else None,
+            "size_confounds": [c.to_dict() for c in self.size_confounds],
+            "known_mislabelled": [{**entry(f), "is": what} for f, what in self.known_mislabelled],
         }
 
     def to_markdown(self, heading: str = "##") -> str:
@@ -181,61 +167,12 @@ def audit_dataset(dataset: Dataset, *, near_threshold: int = NEAR_THRESHOLD, pro
         exact_groups=exact_groups, near_pairs=near_pairs, leaks=find_leaks(exact_groups, near_pairs),
         probe=probe_result, probe_skipped=skipped, near_threshold=near_threshold,
         source_mix=source_mix(files, dataset.classes, dataset.holdout) if len(dataset.sources) > 1 else None,
+        size_confounds=size_confounds(files),
     )
 
 
 def _cross_split(group: list[FileInfo]) -> bool:
     return len({f.split for f in group}) > 1
-
-
-# --- several sources: is the class confounded with the source? -------------------------------------
-
-
-def source_mix(files: list[FileInfo], classes: list[str], holdout: str | None = None) -> SourceMix:
-    """Files per source and class (unreadable ones too: the question is what the data is made of), and
-    how strongly the training sources predict the class: Cramér's V, structural gaps, a verdict."""
-    from scipy.stats import chi2_contingency
-
-    table = {s: {c: 0 for c in classes} for s in dict.fromkeys(f.source for f in files)}
-    for f in files:
-        table[f.source][f.label] += 1
-    trained = {s: row for s, row in table.items() if s != holdout}
-    if len(trained) < 2:
-        return SourceMix(table, holdout, None, None, {}, {}, "none")
-    present = [c for c in classes if any(row[c] for row in trained.values())]
-    sources_of = {c: [s for s, row in trained.items() if row[c]] for c in present}
-    classes_of = {s: [c for c in present if row[c]] for s, row in trained.items()}
-    single_source = {c: found[0] for c, found in sources_of.items() if len(found) == 1}
-    single_class = {s: found[0] for s, found in classes_of.items() if len(found) == 1}
-    counts = np.array([[row[c] for c in present] for row in trained.values()])
-    chi2, p, _, _ = chi2_contingency(counts, correction=False)
-    v = float(np.sqrt(chi2 / (counts.sum() * (min(counts.shape) - 1))))
-    if single_source or single_class or v >= CONFOUNDING_STRONG:
-        verdict = "strong"
-    elif v >= CONFOUNDING_WEAK and p < 0.01:
-        verdict = "weak"
-    else:
-        verdict = "none"
-    return SourceMix(table, holdout, v, float(p), single_source, single_class, verdict)
-
-
-def source_mix_explanation(mix: SourceMix) -> str:
-    """What the class × source table means, in plain words."""
-    if mix.cramers_v is None:
-        return f"One source to train on (the held-out source {mix.holdout!r} aside): nothing to compare between sources."
-    held = f"; the held-out source {mix.holdout!r} is left out, as the model never trains on it" if mix.holdout else ""
-    numbers = (f"Cramér's V between source and class {mix.cramers_v:.2f}: 0 means every source has the same class "
-               f"mix, 1 that the source alone tells the class; chi-square p = {mix.p_value:.2g}{held})")
-    if mix.verdict == "none":
-        return f"The classes are spread alike over the sources ({numbers}."
-    facts = [f" Class {c!r} comes only from source {s!r}." for c, s in mix.single_source_classes.items()]
-    facts += [f" Source {s!r} holds only class {c!r}." for s, c in mix.single_class_sources.items()]
-    return (f"Source and class are {'strongly' if mix.verdict == 'strong' else 'somewhat'} confounded ({numbers}."
-            + "".join(facts)
-            + " A model can learn to recognise the source (hospital, scanner, post-processing, the patients' age) "
-            "instead of the disease, and will then answer confidently and wrongly on X-rays from elsewhere. Prefer "
-            "sources that each hold every class, and train with --holdout-source to see how a model does on a "
-            "source it never saw.")
 
 
 # --- shortcut probe: metadata only ---------------------------------------------------------------
@@ -346,7 +283,14 @@ def _markdown(r: AuditReport, h: str) -> str:
         f"({exact_leaks} exact, {len(r.leaks) - exact_leaks} near)",
     ]
     if r.source_mix:
-        lines += ["", *_source_mix_markdown(r.source_mix, r.classes, h)]
+        lines += ["", *source_mix_markdown(r.source_mix, r.classes, h)]
+    if r.known_mislabelled:
+        lines += ["", f"{h}# Labels known to be wrong", "",
+                  f"**{len(r.known_mislabelled)} files are known to be mislabelled** (recognised by their SHA-256; "
+                  "`benchmarks/without_sars.py` writes a manifest without them):", ""]
+        lines += [f"- {_tagged(r, f)}, filed as {f.label}: {what}" for f, what in r.known_mislabelled]
+    if r.size_confounds:
+        lines += ["", f"{h}# Class × native size", ""] + [f"- **{c.explanation()}**" for c in r.size_confounds]
     if r.leaks:
         lines += ["", f"{h}# Test images leaked from training", "", "| test image | copy of | kind | distance (bits) |",
                   "| --- | --- | --- | --- |"]
@@ -375,16 +319,6 @@ def _markdown(r: AuditReport, h: str) -> str:
     else:
         lines.append(f"Skipped: {r.probe_skipped}.")
     return "\n".join(lines)
-
-
-def _source_mix_markdown(mix: SourceMix, classes: list[str], h: str) -> list[str]:
-    lines = [f"{h}# Class × source", "", "| source | " + " | ".join(classes) + " | total |",
-             "| --- |" + " --- |" * (len(classes) + 1)]
-    for source, row in mix.table.items():
-        name = f"{source} (held out)" if source == mix.holdout else source
-        lines.append(f"| {name} | " + " | ".join(str(row[c]) for c in classes) + f" | {sum(row.values())} |")
-    text = source_mix_explanation(mix)
-    return lines + ["", f"**{text}**" if mix.verdict != "none" else text]
 
 
 def _tagged(r: AuditReport, f: FileInfo) -> str:

@@ -56,7 +56,8 @@ class _Images:
             return i, None, str(e).removeprefix(f"{self.paths[i]}: ")
 
 
-FLAGS = ("ood", "ood_score", "refer")  # per-prediction flags, as CSV columns after the probabilities
+# Per-prediction flags, as CSV columns after the probabilities (refer_reasons joined by "; ").
+FLAGS = ("ood", "ood_score", "atypical", "class_distance", "refer", "refer_reasons")
 
 
 def _keep_as_list(items):  # module level: DataLoader workers pickle the collate function
@@ -71,7 +72,7 @@ def default_workers(n_files: int, batch_size: int) -> int:
 def iter_predictions(predictor: Predictor, paths: list[Path], *, batch_size: int = 32,
                      workers: int | None = None) -> Iterator[dict[str, Any]]:
     """Yield one row per path, in order: `path`, then the prediction (`label`, `probabilities`, `ood`,
-    `ood_score`, `refer`), or `error`."""
+    `ood_score`, `atypical`, `class_distance`, `refer`, `refer_reasons`), or `error`."""
     from torch.utils.data import DataLoader
 
     workers = default_workers(len(paths), batch_size) if workers is None else workers
@@ -86,7 +87,7 @@ def iter_predictions(predictor: Predictor, paths: list[Path], *, batch_size: int
 
 
 class PredictionCSV:
-    """`path,label,<class>…,ood,ood_score,refer,error` rows, flushed one batch at a time.
+    """`path,label,<class>…,ood,ood_score,atypical,class_distance,refer,refer_reasons,error` rows, flushed one batch at a time.
 
     With `resume`, the rows already in the file are kept (a half-written last line from a killed
     run is dropped) and `done` lists their paths, so only the rest needs predicting.
@@ -122,7 +123,7 @@ class PredictionCSV:
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
         for r in rows:
             probs = r.get("probabilities", {})
-            flags = ["" if r.get(f) is None else r[f] for f in FLAGS]
+            flags = ["; ".join(r[f]) if isinstance(r.get(f), list) else "" if r.get(f) is None else r[f] for f in FLAGS]
             self._writer.writerow([r["path"], r.get("label", ""), *(probs.get(c, "") for c in self.classes), *flags,
                                    r.get("error", "")])
         self._file.flush()
@@ -146,6 +147,6 @@ def print_predictions(rows: list[dict[str, Any]], classes: list[str]) -> None:
             print(f"{r['path']:<{width}}  error: {r['error']}")
             continue
         flags = ("NOT A CHEST X-RAY? (out of distribution): REFER" if r.get("ood")
-                 else "REFER: low confidence" if r.get("refer") else "")
+                 else f"REFER: {'; '.join(r['refer_reasons'])}" if r.get("refer") else "")
         print(f"{r['path']:<{width}}  {r['label']:<16}  " + "  ".join(f"{r['probabilities'][c]:>16.4f}" for c in classes)
               + "  " + flags)

@@ -53,6 +53,7 @@ class BundleConfig:
     calibration: dict[str, Any] = field(default_factory=dict)  # temperature, fitted_on
     ood: dict[str, Any] | None = None  # the guard's settings (ood.OODGuard.config)
     referral: dict[str, Any] = field(default_factory=dict)  # threshold, target sensitivity, rule
+    site_reference: dict[str, Any] | None = None  # what validation predicts for a site (site_shift.Reference)
     onnx: dict[str, Any] = field(default_factory=dict)  # what `export` recorded: parity, int8 margin
     files: dict[str, str] = field(default_factory=dict)  # name → SHA-256
     input: str = INPUT

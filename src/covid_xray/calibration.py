@@ -71,12 +71,30 @@ def referral_threshold(probs: np.ndarray, labels, positive: int | None, target: 
     return float(np.nextafter(confidence.max(), 2.0))  # refer everything: no threshold reaches the target
 
 
-def refer(probs: np.ndarray, ood_flags: np.ndarray | None, threshold: float) -> np.ndarray:
-    """The referral rule: refer an image to a radiologist when it is out of distribution or its
-    calibrated confidence is below `threshold`. probs N×C; ood_flags N bools (None: no guard)."""
-    probs = np.asarray(probs)
-    low = probs.max(1) < threshold
-    return low if ood_flags is None else low | np.asarray(ood_flags, bool)
+# Why a film is referred, as predictions say it.
+REASONS = {
+    "ood": "does not look like the training X-rays",
+    "atypical": "unlike the training films of the class it is called",
+    "low_confidence": "confidence below the referral threshold",
+}
+
+
+def refer(probs: np.ndarray, ood_flags: np.ndarray | None, threshold: float,
+          atypical: np.ndarray | None = None) -> np.ndarray:
+    """The referral rule: refer an image to a radiologist when it is out of distribution, unlike the
+    training films of its predicted class, or its calibrated confidence is below `threshold`.
+    probs N×C; ood_flags and atypical N bools (None: the bundle has no such check)."""
+    referred = np.asarray(probs).max(1) < threshold
+    for flags in (ood_flags, atypical):
+        if flags is not None:
+            referred = referred | np.asarray(flags, bool)
+    return referred
+
+
+def refer_reasons(confidence: float, threshold: float, ood: bool | None, atypical: bool | None) -> list[str]:
+    """One film's reasons for referral (empty: not referred), in REASONS' order."""
+    found = {"ood": bool(ood), "atypical": bool(atypical), "low_confidence": confidence < threshold}
+    return [REASONS[name] for name, hit in found.items() if hit]
 
 
 def referral_summary(probs: np.ndarray, labels, referred: np.ndarray, positive: int | None) -> dict[str, Any]:

@@ -103,6 +103,33 @@ def _quiet_omp() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def _check_site(args: argparse.Namespace) -> int:
+    _quiet_omp()
+    from .bulk_predict import expand_paths, iter_predictions
+    from .inference import Predictor
+    from .site_shift import Reference, check_predictions, table
+
+    predictor = Predictor.from_bundle(args.bundle, backend=args.backend)
+    if predictor.config.site_reference is None:
+        raise CovidXrayError(f"{args.bundle} has no site reference (it was trained by an older covid-xray); "
+                             f"retrain it with this version to check sites")
+    rows = list(iter_predictions(predictor, expand_paths(args.paths), batch_size=args.batch_size))
+    good = [r for r in rows if "error" not in r]
+    for r in rows:
+        if "error" in r:
+            print(f"skipped {r['path']}: {r['error']}", file=sys.stderr)
+    if not good:
+        raise CovidXrayError("no readable image to check")
+    result = check_predictions(Reference.from_dict(predictor.config.site_reference), good)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "skipped_images": len(rows) - len(good)}, indent=2))
+    else:
+        print(result.verdict)
+        print()
+        print(table(result))
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     _quiet_omp()
     from tqdm import tqdm
@@ -260,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--backend", help=BACKEND_HELP)
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("check-site", help="do a new site's (unlabelled) films look like the training data?")
+    p.add_argument("bundle")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="the site's films: files or folders")
+    p.add_argument("--json", action="store_true", help="print the check as JSON")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--backend", help=BACKEND_HELP)
+    p.set_defaults(func=_check_site)
 
     p = sub.add_parser("export", help="add ONNX graphs (fp32, optionally int8) to a bundle for fast CPU inference")
     p.add_argument("bundle")

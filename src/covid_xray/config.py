@@ -54,6 +54,8 @@ class TrainConfig:
     val_fraction: float = setting(VAL_FRACTION, "share of each source's training images carved off for validation")
     test_fraction: float = setting(TEST_FRACTION, "share carved off for testing when a source has no test split")
     image_size: int | None = setting(None, f"input size (default: the backbone's pretraining size, at least {MIN_IMAGE_SIZE})")
+    texture_jitter: bool = setting(False, "augment with random resolution loss and JPEG compression, so that "
+                                          "neither can stand in for the class")
     skip_bad_images: bool = setting(False, "skip unreadable files (counted in the report) instead of stopping")
     amp: bool = setting(True, "bfloat16 autocast on CPUs with native bf16, fp16/bf16 on GPUs (--no-amp: float32)")
     # oneDNN's bf16 backward of these convolutions is 2-5× slower than float32 (training.runtime).
@@ -64,6 +66,8 @@ class TrainConfig:
                                              "aims for on validation", resumable=True)
     onnx: bool = setting(True, "also write model.onnx (fast CPU inference) when the onnx extra is installed",
                          resumable=True)
+    external: str | None = setting(None, "NAME=DIR: also evaluate the bundle on every labelled film of another site, "
+                                         "reported next to the test split", resumable=True, metavar="NAME=DIR")
     holdout_source: str | None = setting(None, "train without this source and test on all its images (the other "
                                                "sources' test split is reported too, as test_in_sources)")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image
 
 from .config import SPLIT_SEED, TEST_FRACTION, VAL_FRACTION
 from .errors import DataError
@@ -327,19 +329,47 @@ def fingerprint(digests_by_split: dict[str, list[str]], classes: list[str], samp
 # --- training input ----------------------------------------------------------------------------
 
 
-def augmentation(size: int):
+class TextureJitter:
+    """Half the time, resample a film through a random lower resolution (down to `low` of its size); half
+    the time, JPEG-compress it at a random quality. Films reach a hospital's archive at every resolution
+    and compression, and in public data both follow the source, hence the class (radiography-dev's Viral
+    Pneumonia files are 256 px, its other classes 224 px): randomised, neither can stand in for the class."""
+
+    def __init__(self, low: float = 0.4, p: float = 0.5, quality: tuple[int, int] = (30, 95)):
+        self.low, self.p, self.quality = low, p, quality
+
+    def __call__(self, x):
+        import torch
+        import torch.nn.functional as F
+
+        if torch.rand(()) < self.p:
+            factor = self.low + (1 - self.low) * float(torch.rand(()))
+            h, w = x.shape[-2:]
+            small = F.interpolate(x[None].float(), size=(max(8, round(h * factor)), max(8, round(w * factor))),
+                                  mode="bilinear", antialias=True)
+            x = F.interpolate(small, size=(h, w), mode="bilinear")[0].round().clamp(0, 255).to(torch.uint8)
+        if torch.rand(()) < self.p:  # Pillow's encoder: torchvision's is deprecated
+            buffer = io.BytesIO()
+            quality = int(torch.randint(self.quality[0], self.quality[1] + 1, ()))
+            Image.fromarray(x[0].numpy()).save(buffer, "JPEG", quality=quality)
+            x = torch.from_numpy(np.array(Image.open(buffer)))[None]
+        return x
+
+
+def augmentation(size: int, texture_jitter: bool = False):
     """Anatomy-preserving augmentation for chest films: no flips (the heart is on the left).
 
     The zoom reaches out to 0.6× (the chest smaller in the frame, neck and arms showing) because
     framing is a shortcut in public data: on the Kaggle dataset, training Normal films are tightly
     framed while test Normal and all Viral Pneumonia films show a wider field; with mild zoom the model
-    called a third of test Normal films Viral Pneumonia."""
+    called a third of test Normal films Viral Pneumonia. `texture_jitter`: see TextureJitter."""
     from torchvision.transforms import v2
 
     return v2.Compose([
         v2.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
         v2.RandomAffine(degrees=7, translate=(0.06, 0.06), scale=(0.6, 1.0)),
         v2.ColorJitter(brightness=0.2, contrast=0.2),
+        *([TextureJitter()] if texture_jitter else []),
     ])
 
 

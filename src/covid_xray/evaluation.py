@@ -141,19 +141,19 @@ def evaluate_bundle(config: BundleConfig, probabilities: Callable[[np.ndarray], 
     return metrics
 
 
-def external_samples(config: BundleConfig, data: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[Sample]:
+def external_samples(classes: list[str], data: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[Sample]:
     """Every labelled film of one site the bundle was not trained on, labelled with the bundle's class
-    indices; the site may lack a class, but a class the bundle does not know is refused."""
+    indices (`classes`); the site may lack a class, but a class the bundle does not know is refused."""
     sources = parse_sources(data)
     if len(sources) != 1:
         raise DataError("--external evaluates one labelled folder: pass one --data NAME=DIR")
     source = sources[0]
     files = labelled_files(source.path)
-    index = {name: i for i, name in enumerate(config.classes)}
+    index = {name: i for i, name in enumerate(classes)}
     unknown = sorted({label for _, label in files} - set(index))
     if unknown:
         raise DataError(f"{source.path} has classes the bundle does not know ({', '.join(unknown)}); the bundle's "
-                        f"classes are {', '.join(config.classes)}: rename those folders (or manifest labels) to match")
+                        f"classes are {', '.join(classes)}: rename those folders (or manifest labels) to match")
     return [Sample(path, index[label], source.name) for path, label in files]
 
 
@@ -167,7 +167,7 @@ def evaluate_external(config: BundleConfig, assess: Callable[[np.ndarray], tuple
     from .images import decode_samples
     from .trust import covid_index
 
-    samples = external_samples(config, data)
+    samples = external_samples(config.classes, data)
     decoded = decode_samples(samples, config.input_size, skip_bad=skip_bad)
     if not decoded.samples:
         raise DataError("no readable image to evaluate")

@@ -22,7 +22,7 @@ from . import ood
 from .bundle import ONNX, ONNX_INT8, BundleConfig, read_config, verify_file
 from .images import load_image
 from .errors import ModelError
-from .calibration import refer, softmax
+from .calibration import refer_reasons, softmax
 from .util import cpu_count, onnx_available
 
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
@@ -100,10 +100,12 @@ def load_guard(bundle: Path, config: BundleConfig) -> ood.OODGuard | None:
 
 @dataclass(frozen=True)
 class Scores:
-    """What the model says about one image: calibrated class probabilities and its OOD score."""
+    """What the model says about one image: calibrated class probabilities, its OOD score and its
+    distance to the training films of its predicted class (None where the bundle has no such check)."""
 
     probabilities: np.ndarray
     ood_score: float | None
+    class_distance: float | None = None
 
 
 class Predictor:
@@ -170,29 +172,45 @@ class Predictor:
         probs = softmax(logits, self.temperature)
         if self.guard is None:
             return [Scores(p, None) for p in probs]
-        return [Scores(p, float(s)) for p, s in zip(probs, self.guard.score(features, images))]
+        ood_scores = self.guard.score(features, images)
+        if self.guard.classes is None:
+            return [Scores(p, float(s)) for p, s in zip(probs, ood_scores)]
+        distances = self.guard.classes.score(features, probs.argmax(1))
+        return [Scores(p, float(s), float(d)) for p, s, d in zip(probs, ood_scores, distances)]
+
+    def _flags(self, scores: Scores) -> tuple[bool | None, bool | None]:
+        """(out of distribution, unlike its predicted class's training films), None where not checked."""
+        if self.guard is None:
+            return None, None
+        atypical = None if scores.class_distance is None else bool(self.guard.classes.flags(scores.class_distance))
+        return bool(self.guard.flags(scores.ood_score)), atypical
 
     def assess(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """N×size×size uint8 → calibrated N×C probabilities and each image's `refer` flag, as `result` sets it."""
         scores = self.score(images)
-        probs = np.stack([s.probabilities for s in scores])
-        flags = None if self.guard is None else self.guard.flags(np.array([s.ood_score for s in scores]))
-        return probs, refer(probs, flags, self.refer_below)
+        probs = np.stack([s.probabilities for s in scores]) if scores else np.zeros((0, len(self.classes)), np.float32)
+        return probs, np.array([self.result(s)["refer"] for s in scores], bool)
 
     def result(self, scores: Scores) -> dict[str, Any]:
         """The JSON-ready prediction: label, probabilities, and the flags a clinician must see.
 
-        `ood`: the image does not look like the training X-rays. `refer`: do not act on this answer
-        without a radiologist (out of distribution, or calibrated confidence below the threshold
-        chosen on validation for the target Covid sensitivity)."""
+        `ood`: the image does not look like the training X-rays. `atypical`: it is unlike the training
+        films of the class it is called (an older adult's Normal film called Covid because every such
+        film in training was Covid). `refer`: do not act on this answer without a radiologist (either
+        flag, or calibrated confidence below the threshold chosen on validation for the target Covid
+        sensitivity); `refer_reasons` says which."""
         probs = scores.probabilities
-        ood_flag = None if self.guard is None else bool(self.guard.flags(scores.ood_score))
+        ood_flag, atypical = self._flags(scores)
+        reasons = refer_reasons(float(probs.max()), self.refer_below, ood_flag, atypical)
         return {
             "label": self.classes[int(np.argmax(probs))],
             "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, probs)},
             "ood": ood_flag,
             "ood_score": None if scores.ood_score is None else round(scores.ood_score, 4),
-            "refer": bool(refer(probs[None], None if ood_flag is None else [ood_flag], self.refer_below)[0]),
+            "atypical": atypical,
+            "class_distance": None if scores.class_distance is None else round(scores.class_distance, 4),
+            "refer": bool(reasons),
+            "refer_reasons": reasons,
         }
 
     def predict(self, sources: list[str | os.PathLike | bytes]) -> list[dict[str, Any]]:

@@ -14,6 +14,17 @@ from .bundle import BundleConfig
 FILE = "MODEL_CARD.md"
 
 
+def _data_warnings(found: dict[str, Any]) -> list[str]:
+    """What the audit found that the training data gets wrong or lets the model read instead of the disease."""
+    lines = [f"- **{n} files of the data filed as {label} are known to be mislabelled** (e.g. SARS figures from a "
+             "2004 article, not COVID-19; `audit.json` → `known_mislabelled` lists them): where they are training "
+             f"films, the model learned them as {label}." for label, n in (found.get("known_mislabelled") or {}).items()]
+    lines += [f"- **Native size × class**: {c['share']:.0%} of the `{c['label']}` files of source `{c['source']}` are "
+              f"{c['size']}, against {c['others']:.0%} of its other files; the size, or the resampling texture it "
+              "leaves, can stand in for the class." for c in found.get("size_confounds") or []]
+    return lines
+
+
 def render(config: BundleConfig, metrics: dict[str, Any], audit_report: audit.AuditReport) -> str:
     d, hp, classes = config.data, config.hyperparameters, config.classes
     test, dedup = metrics["test"], metrics.get("test_dedup")
@@ -49,6 +60,7 @@ def render(config: BundleConfig, metrics: dict[str, Any], audit_report: audit.Au
         f"- dataset audit: {d['audit']['exact_duplicate_groups']} groups of exact duplicates, "
         f"{d['audit']['near_duplicate_pairs']} near-duplicate pairs, {d['audit']['leaked_test_images']} test images that "
         "copy training/validation images.",
+        *_data_warnings(d["audit"]),
         "",
         "## Performance on the held-out test split",
         "",
@@ -69,6 +81,7 @@ def render(config: BundleConfig, metrics: dict[str, Any], audit_report: audit.Au
                    "does at a new site. " if holdout else "") + "Each source's test images:", "",
                   report.per_source_table(metrics["per_source"], holdout), ""]
     lines += [
+        *report.external_section(metrics, classes, "###"),
         report.trust_section(metrics, "##"),
         "",
         "## Shortcut probes",

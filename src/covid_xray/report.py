@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from .metrics import PER_CLASS
 
 if TYPE_CHECKING:  # types only: this module renders what later stages produce
@@ -110,20 +112,72 @@ def trust_section(metrics: dict[str, Any], heading: str = "##") -> str:
         "A flagged image gets no usable answer. `benchmarks/ood.py` measures the guard on photos, other body parts "
         "and modalities, and chest films from another scanner.",
         "",
+        *_class_distance_lines(guard),
         f"{heading} Referral rule",
         "",
-        f"`refer` is set when the image is out of distribution or the calibrated confidence is below "
-        f"{referral['threshold']:.3f}, the threshold chosen on validation for a Covid sensitivity (detected or referred) "
-        f"of at least {referral['target_covid_sensitivity']:.0%}.",
+        f"`refer` is set when the image is out of distribution, unlike the training films of the class it is called, "
+        f"or its calibrated confidence is below {referral['threshold']:.3f}, the threshold chosen on validation for a "
+        f"Covid sensitivity (detected or referred) of at least {referral['target_covid_sensitivity']:.0%}; "
+        "`refer_reasons` says which. Confidently wrong: wrong and not referred, the answers a triage team would act on.",
         "",
-        "| split | referred | accuracy of the rest | Covid detected or referred |",
-        "| --- | ---: | ---: | ---: |",
+        "| split | referred | accuracy of the rest | confidently wrong | Covid detected or referred |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
-    for split in ("val", "test"):
-        r = referral[split]
-        lines.append(f"| {split} | {_pct(r['referred_rate'])} | {_pct(r['accuracy_not_referred'])} "
-                     f"| {_pct(r.get('covid_sensitivity_with_referral'))} |")
+    for split, r in referral.items():
+        if isinstance(r, dict):
+            lines.append(f"| {split} | {_pct(r['referred_rate'])} | {_pct(r['accuracy_not_referred'])} "
+                         f"| {_pct(r.get('confidently_wrong_rate'))} | {_pct(r.get('covid_sensitivity_with_referral'))} |")
     return "\n".join(lines)
+
+
+def _class_distance_lines(guard: dict[str, Any]) -> list[str]:
+    distance = guard.get("class_distance")
+    if not distance:
+        return []
+    rates = guard.get("class_distance_flagged_rate", {})
+    return [
+        f"Every prediction also carries `class_distance`, the {distance['method']}, and `atypical` = distance > "
+        f"{distance['threshold']:.3f} ({distance['fitted_on']}): a film unlike the training films of the class it "
+        "is called — e.g. an older adult's Normal film called Covid because every such film in training was Covid. "
+        "Flagged: " + ", ".join(f"{rate:.1%} of {split}" for split, rate in rates.items() if rate is not None) + ".",
+        "",
+    ]
+
+
+def external_section(metrics: dict[str, Any], classes: list[str], heading: str = "##") -> list[str]:
+    """Another site's films (`train --external`), next to the test split: what a new hospital should expect."""
+    if "external" not in metrics:
+        return []
+    r, source = metrics["referral"].get("external", {}), metrics["external"]["source"]
+    return [
+        f"{heading} Another site: every film of `{source}` (never trained on or selected on)",
+        "",
+        metrics_table(metrics["external"]),
+        "",
+        confusion_table(metrics["external"], classes),
+        "",
+        f"Referred {_pct(r.get('referred_rate'))}; accuracy of the rest {_pct(r.get('accuracy_not_referred'))}; "
+        f"confidently wrong {_pct(r.get('confidently_wrong_rate'))}; Covid detected or referred "
+        f"{_pct(r.get('covid_sensitivity_with_referral'))}.",
+        "",
+        *[f"- {line}" for line in cannot_teach(metrics["external"], classes, source)],
+        "",
+    ]
+
+
+def cannot_teach(metrics: dict[str, Any], classes: list[str], source: str, share: float = 0.25) -> list[str]:
+    """Plain statements of what the training data did not teach, from another site's confusion matrix: every
+    class whose films that site's model called another class at least `share` of the time."""
+    matrix = np.asarray(metrics["confusion_matrix"])
+    lines = []
+    for i, true in enumerate(classes):
+        n = matrix[i].sum()
+        for j, called in enumerate(classes):
+            if i != j and n and matrix[i, j] / n >= share:
+                lines.append(f"{matrix[i, j]} of {n} {true} films of `{source}` were called {called}: the training "
+                             f"{true} films do not cover films like these (another hospital, scanner or age group). "
+                             f"Expect such films to be called {called} or referred.")
+    return lines
 
 
 def _pct(value: float | None) -> str:
@@ -201,6 +255,7 @@ def write_report(
         "",
         "![confusion](confusion_test.png) ![roc](roc_test.png)",
         "",
+        *external_section(metrics, classes, "##"),
         *_sources_section(config, metrics),
         *_dedup_section(metrics, classes),
         trust_section(metrics, "##"),
@@ -267,6 +322,7 @@ def external_text(result: dict[str, Any], classes: list[str]) -> str:
         f"| {_pct(referral['referred_rate'])} | {_pct(referral['accuracy_not_referred'])} "
         f"| {_pct(referral['confidently_wrong_rate'])} | {_pct(referral.get('covid_sensitivity_with_referral'))} |",
     ]
+    lines += ["", *cannot_teach(metrics, classes, result["source"])]
     if result["skipped_images"]:
         lines += ["", f"unreadable images skipped: {len(result['skipped_images'])}"]
     return "\n".join(lines)

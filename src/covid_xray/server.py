@@ -36,6 +36,7 @@ from . import protocol
 from .batcher import Batcher
 from .errors import ModelError
 from .protocol import RequestError
+from .site_shift import Reference, RollingCheck
 from .util import cpu_count, parse_bool
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ class ModelState:
         self.predictor: Predictor | None = None
         self.batcher: Batcher | None = None
         self.identity: dict[str, Any] | None = None
+        self.site: RollingCheck | None = None  # recent films against the training data (None: no reference)
         self.error: str | None = None
         self._explain_model: XrayNet | None = None  # touched only by the one explain thread
 
@@ -112,6 +114,8 @@ class ModelState:
             log.error("cannot load model bundle %s: %s", bundle, self.error)
             return
         self.predictor, self.identity = predictor, protocol.model_identity(predictor)
+        reference = predictor.config.site_reference
+        self.site = RollingCheck(Reference.from_dict(reference)) if reference else None
         self.batcher = Batcher(
             predictor.score, max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000, queue_size=settings.queue_size,
@@ -246,7 +250,9 @@ def create_app(bundle_path: str | os.PathLike, settings: ServerSettings | None =
     @app.get("/stats")
     async def stats() -> Response:
         batcher = state.batcher.stats() if state.batcher else None
-        return _json({"ready": state.ready, "batcher": batcher, "settings": asdict(settings)})
+        # With several worker processes each reports its own window: the films it answered.
+        site = state.site.check().to_dict() if state.site else None
+        return _json({"ready": state.ready, "batcher": batcher, "site": site, "settings": asdict(settings)})
 
     @app.post("/invocations")
     async def invocations(request: Request) -> Response:
@@ -263,6 +269,8 @@ def create_app(bundle_path: str | os.PathLike, settings: ServerSettings | None =
             futures = state.batcher.submit(images)
         scores = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         document = protocol.build_response(state.predictor, scores, state.identity)
+        if state.site:
+            state.site.add(document["predictions"])
         if heatmap:
             classes = [int(np.argmax(s.probabilities)) for s in scores]
             try:

@@ -27,12 +27,13 @@ from .calibration import softmax
 from .config import MIN_IMAGE_SIZE, TrainConfig
 from .duplicates import leaked_test_paths
 from .errors import CovidXrayError
-from .evaluation import evaluate_outputs, masked_probe, split_test
+from .evaluation import evaluate_outputs, external_samples, masked_probe, split_test
 from .images import Decoded, decode_samples
 from .metrics import summary_lines
 from .models import XrayNet, create_model, input_size, predict_outputs, predict_probs
 from .report import write_report
 from .runtime import Distributed, autocast, pick_device, seed_everything, slow_bf16_convs_in_fp32
+from .confounds import source_mix_explanation
 from .trust import SplitOutputs, Trust, fit_trust
 from .util import atomic_path, atomic_write, onnx_available
 
@@ -153,7 +154,7 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.epochs * steps_per_epoch, max(1, int(cfg.warmup_epochs * steps_per_epoch)))
     )
-    dataset = data_mod.ImageTensors(train.images, train_labels, data_mod.augmentation(image_size(cfg)))
+    dataset = data_mod.ImageTensors(train.images, train_labels, data_mod.augmentation(image_size(cfg), cfg.texture_jitter))
     sampler = torch.utils.data.DistributedSampler(dataset, dist.world, dist.rank, shuffle=True, seed=cfg.seed)
 
     state: dict[str, Any] = {"epoch": 0, "history": [], "best_epoch": 0, "best_val_loss": float("inf"), "best_state": None}
@@ -247,6 +248,9 @@ def train_run(
     model.cpu()
 
     reported = {"val": decoded["val"], **split_test(decoded["test"], dataset.holdout)}
+    if cfg.external:  # another site's labelled films: every figure of the test split, next to it
+        reported["external"] = decode_samples(external_samples(dataset.classes, cfg.external), size,
+                                              skip_bad=cfg.skip_bad_images)
     outputs = _outputs(model, {"train": decoded["train"], **reported})
     trust = fit_trust(outputs, dataset.classes, cfg.refer_sensitivity, _outlier_outputs(model, size))
     metrics, figures = _evaluate(model, reported, outputs, trust, dataset, audit_report, cfg, run_dir)
@@ -280,7 +284,12 @@ def _audit(dataset: data_mod.Dataset, run_dir: Path, seed: int, log) -> audit.Au
         log(f"warning: {leaked} test images are exact or near copies of training/validation images; "
             "test metrics are reported with and without them (audit.json lists them)")
     if report.source_mix and report.source_mix.verdict != "none":
-        log(f"warning: {audit.source_mix_explanation(report.source_mix)}")
+        log(f"warning: {source_mix_explanation(report.source_mix)}")
+    for confound in report.size_confounds:
+        log(f"warning: {confound.explanation()}")
+    if report.known_mislabelled:
+        log(f"warning: {len(report.known_mislabelled)} files are known to be mislabelled (audit.json → "
+            "known_mislabelled); benchmarks/without_sars.py writes a manifest without them")
     return report
 
 
@@ -312,6 +321,8 @@ def _evaluate(model: XrayNet, reported: dict[str, Decoded], outputs: dict[str, S
                                audit_report=audit_report, multi_source=len(dataset.sources) > 1,
                                n_boot=cfg.bootstrap, seed=cfg.seed)
     metrics.update(trust.metrics)
+    if "external" in reported:
+        metrics["external"]["source"] = reported["external"].samples[0].source
     test = outputs["test"]
     metrics["test_masked"] = masked_probe(lambda images: predict_probs(model, images), test.images[:], test.labels)
     figures = [f for split in reported
@@ -337,6 +348,9 @@ def _bundle_config(model: XrayNet, cfg: TrainConfig, size: int, dataset: data_mo
             "leaked_test_images": len(leaked_test_paths(audit_report)),
             "metadata_probe": audit_report.probe.to_dict() if audit_report.probe else None,
             "class_by_source": audit_report.source_mix.to_dict() if audit_report.source_mix else None,
+            "size_confounds": [c.to_dict() for c in audit_report.size_confounds],
+            "known_mislabelled": {f.label: sum(g.label == f.label for g, _ in audit_report.known_mislabelled)
+                                  for f, _ in audit_report.known_mislabelled},
         },
         "sources": _source_info(dataset, decoded),
         "holdout_source": dataset.holdout,
@@ -355,7 +369,7 @@ def _bundle_config(model: XrayNet, cfg: TrainConfig, size: int, dataset: data_mo
         data=data_info,
         metrics={split: {"accuracy": metrics[split]["accuracy"], "macro_auc": metrics[split]["macro_auc"],
                          "n": metrics[split]["n"]}
-                 for split in ("val", "test", "test_in_sources", "test_dedup") if split in metrics},
+                 for split in ("val", "test", "test_in_sources", "test_dedup", "external") if split in metrics},
         **trust.bundle_entries(),
     )
 
@@ -372,7 +386,7 @@ def _write_bundle(path: Path, model: XrayNet, config: BundleConfig, trust: Trust
 
 def _log_summary(metrics: dict[str, Any], seconds: float, log) -> None:
     """The `name=value` lines SageMaker's metric definitions scrape."""
-    lines = [line for split in ("test", "test_in_sources", "test_dedup") if split in metrics
+    lines = [line for split in ("test", "test_in_sources", "test_dedup", "external") if split in metrics
              for line in summary_lines(metrics[split], split)]
     for line in lines + [f"train_seconds={seconds:.1f}"]:
         log(line)

@@ -10,9 +10,11 @@ from typing import Any
 import numpy as np
 
 from . import ood
+from .site_shift import Reference
 from .calibration import calibration_summary, fit_temperature, refer, referral_summary, referral_threshold, softmax
 
-REFERRAL_RULE = "refer when out of distribution or calibrated confidence < threshold"
+REFERRAL_RULE = ("refer when out of distribution, unlike the training films of the predicted class, "
+                 "or calibrated confidence < threshold")
 
 
 def covid_index(classes: list[str]) -> int | None:
@@ -37,6 +39,7 @@ class Trust:
     target_covid_sensitivity: float
     # metrics.json's "calibration", "ood" and "referral" entries: how each does on every reported split.
     metrics: dict[str, Any]
+    site: Reference  # what validation predicts for a site's films (`covid-xray check-site`)
 
     def bundle_entries(self) -> dict[str, Any]:
         """What the bundle's config.json records so that every prediction applies the same rule."""
@@ -45,6 +48,7 @@ class Trust:
             "ood": self.guard.config(),
             "referral": {"threshold": round(self.referral_threshold, 6),
                          "target_covid_sensitivity": self.target_covid_sensitivity, "rule": REFERRAL_RULE},
+            "site_reference": self.site.to_dict(),
         }
 
 
@@ -53,25 +57,34 @@ def fit_trust(splits: dict[str, SplitOutputs], classes: list[str], target_sensit
     """Fit on "train" (the guard's feature bank) and "val" (temperature, guard threshold, referral
     threshold); then score every split but train as a prediction is: the guard sees images and features.
     `outliers`: synthetic non-X-ray images and their features, to report what the guard flags."""
-    val = splits["val"]
+    val, train = splits["val"], splits["train"]
     temperature = round(fit_temperature(val.logits, val.labels), 6)
-    guard = ood.OODGuard.fit(splits["train"].features, val.features)
+    guard = ood.OODGuard.fit(train.features, val.features, train.labels, val.logits.argmax(1))
     covid = covid_index(classes)
     threshold = referral_threshold(softmax(val.logits, temperature), val.labels, covid, target_sensitivity)
     referral: dict[str, Any] = {"threshold": round(threshold, 6), "target_covid_sensitivity": target_sensitivity}
-    ood_rates = {}
+    ood_rates, atypical_rates, val_scores, val_referred = {}, {}, [], 0
     reported = {name: s for name, s in splits.items() if name != "train"}
     for name, split in reported.items():
         probs = softmax(split.logits, temperature)
-        flagged = guard.flags(guard.score(split.features, split.images))
+        scores = guard.score(split.features, split.images)
+        flagged = guard.flags(scores)
+        atypical = guard.classes.flags(guard.classes.score(split.features, probs.argmax(1)))
         ood_rates[name] = round(float(flagged.mean()), 4) if len(flagged) else None
-        referral[name] = referral_summary(probs, split.labels, refer(probs, flagged, threshold), covid)
+        atypical_rates[name] = round(float(atypical.mean()), 4) if len(atypical) else None
+        referred = refer(probs, flagged, threshold, atypical)
+        referral[name] = referral_summary(probs, split.labels, referred, covid)
+        if name == "val":
+            val_scores, val_referred = scores.tolist(), int(referred.sum())
     outlier_flags = guard.flags(guard.score(outliers[1], outliers[0]))
     metrics = {
         "calibration": calibration_summary({n: s.logits for n, s in reported.items()},
                                            {n: s.labels for n, s in reported.items()}, temperature),
-        "ood": {**guard.config(), "flagged_rate": ood_rates,
+        "ood": {**guard.config(), "flagged_rate": ood_rates, "class_distance_flagged_rate": atypical_rates,
                 "synthetic_outliers_flagged": round(float(outlier_flags.mean()), 4)},
         "referral": referral,
     }
-    return Trust(temperature, guard, threshold, target_sensitivity, metrics)
+    counts = np.bincount(np.asarray(train.labels, int), minlength=len(classes))
+    site = Reference(n=len(val.labels), referred=val_referred, scores=val_scores,
+                     class_mix={c: round(float(k / counts.sum()), 4) for c, k in zip(classes, counts)})
+    return Trust(temperature, guard, threshold, target_sensitivity, metrics, site)
