@@ -32,9 +32,10 @@ def covid_xray(*args: str, capture: bool = False) -> str:
     return done.stdout or ""
 
 
-def train(data: str, out: Path, seed: int, train_args: list[str]) -> dict:
-    """The run's metrics.json, training first unless `out` holds a run of exactly this command."""
-    command = ["train", "--data", data, "--out", str(out), "--seed", str(seed), *train_args]
+def train(data: list[str], out: Path, seed: int, train_args: list[str]) -> dict:
+    """The run's metrics.json, training first unless `out` holds a run of exactly this command.
+    `data`: the --data options (["--data", DIR, ...])."""
+    command = ["train", *data, "--out", str(out), "--seed", str(seed), *train_args]
     stamp = out / "command.json"
     if not (stamp.exists() and json.loads(stamp.read_text()) == command and (out / "model" / "config.json").exists()):
         covid_xray(*command)
@@ -91,7 +92,7 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         out = Path(args.out) / f"seed{seed}"
-        metrics = train(args.data, out, seed, shlex.split(args.train_args))
+        metrics = train(["--data", args.data], out, seed, shlex.split(args.train_args))
         external = json.loads(covid_xray("evaluate", str(out / "model"), "--data", args.external, "--external",
                                          "--json", capture=True))
         classes = json.loads((out / "model" / "config.json").read_text())["classes"]

@@ -25,6 +25,15 @@ def dataset_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def second_source(dataset_dir) -> Path:
+    """radiography-dev, the second source: $COVID_XRAY_SECOND_DATA, else beside the Kaggle dataset."""
+    path = Path(os.environ.get("COVID_XRAY_SECOND_DATA", dataset_dir.parent / "radiography-dev"))
+    if not path.is_dir():
+        pytest.skip(f"no second source at {path} (set COVID_XRAY_SECOND_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
 def untrained_bundle(tmp_path_factory) -> Path:
     """A real bundle (ImageNet backbone, random 3-class head) for protocol tests: fast, needs no data.
     Its out-of-distribution guard is fitted on synthetic X-ray-like images, as training would on real ones."""

@@ -48,3 +48,25 @@ def test_evaluate_prints_the_same_test_and_deduplicated_figures_as_the_run(train
         for name, figures in saved[split]["per_class"].items():
             assert evaluated[split]["per_class"][name]["sensitivity"] == figures["sensitivity"], (split, name)
     assert evaluated["test_dedup"]["excluded"] == saved["test_dedup"]["excluded"]
+
+
+def test_two_source_training_reports_each_source_and_the_size_confound(dataset_dir, second_source, tmp_path):
+    """Kaggle + radiography-dev, short schedule: per-source test figures, the audit's class × size flag
+    (radiography-dev's Viral Pneumonia files are 256 px, its others 224 px) and the native-size probe."""
+    from covid_xray.config import TrainConfig
+    from covid_xray.data import Source
+    from covid_xray.training import train_run
+
+    result = train_run(TrainConfig(epochs=3, min_epochs=1, bootstrap=50, texture_jitter=True),
+                       [Source("kaggle", dataset_dir), Source("rdb", second_source)], tmp_path, log=lambda m: None)
+    metrics = result.metrics
+    assert set(metrics["per_source"]) == {"kaggle", "rdb"}
+    assert metrics["per_source"]["kaggle"]["n"] == 66 and metrics["per_source"]["rdb"]["n"] >= 100
+    assert metrics["per_source"]["rdb"]["accuracy"] >= 0.7, metrics["per_source"]["rdb"]
+    flagged = result.config.data["audit"]["size_confounds"]
+    assert [(c["source"], c["label"], c["size"], c["other_size"]) for c in flagged] == \
+        [("rdb", "Viral Pneumonia", "256×256", "224×224")]
+    swap, = metrics["size_swap"]
+    assert swap["source"] == "rdb" and swap["n_class"] >= 30 and 0 <= swap["class_called_class_restored"] <= 1
+    report = (tmp_path / "report.md").read_text()
+    assert "## Shortcut probe: native size" in report and "## Class × native size" in report

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _images import xray_like
 
+from covid_xray.images import load_image
 from covid_xray.metrics import compute_metrics
 from covid_xray.report import metrics_table
 
@@ -68,3 +70,41 @@ def test_auc_equals_scikit_learn_with_and_without_ties():
         y[:2] = [True, False]
         for scores in (rng.random(n), rng.integers(0, 4, n) / 4):  # continuous, then heavily tied
             assert _auc(y, scores) == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
+
+
+def test_size_swap_probe_catches_a_model_that_reads_the_native_size(tmp_path):
+    from covid_xray.confounds import size_confounds
+    from covid_xray.data import Sample
+    from covid_xray.duplicates import inspect_file
+    from covid_xray.evaluation import size_swap_probe
+    from covid_xray.report import size_swap_lines
+
+    classes = ["A", "B", "C"]
+    samples = []
+    for label, stored in enumerate((32, 32, 96)):  # C stored larger: downsampled to 64 it keeps sharp grain
+        for i in range(6):
+            path = tmp_path / f"{classes[label]}{i}.png"
+            xray_like(96, seed=100 * label + i).convert("L").resize((stored, stored)).save(path)
+            samples.append(Sample(path, label, "site"))
+    confound, = size_confounds([inspect_file(s.path, "test", classes[s.label], "site") for s in samples])
+    assert (confound.label, confound.size, confound.other_size) == ("C", "96×96", "32×32")
+
+    def detail(images: np.ndarray) -> np.ndarray:
+        return np.abs(np.diff(images.astype(float), axis=-1)).mean(axis=(1, 2))
+
+    cut = np.median(detail(np.stack([load_image(s.path, 64) for s in samples])))
+
+    def reads_texture(images: np.ndarray) -> np.ndarray:  # "C" when the film is sharp, whatever it shows
+        sharp = detail(images) > cut
+        return np.stack([~sharp * 0.5, ~sharp * 0.5, sharp * 1.0], axis=1)
+
+    cheat = size_swap_probe(reads_texture, samples, classes, confound, 64)
+    assert cheat["class_called_class"] == 1.0 and cheat["class_called_class_restored"] == 0.0
+    assert "carries the class" in size_swap_lines([cheat])[0]
+
+    def blind(images: np.ndarray) -> np.ndarray:  # looks at nothing the size changes
+        return np.tile([0.2, 0.2, 0.6], (len(images), 1))
+
+    honest = size_swap_probe(blind, samples, classes, confound, 64)
+    assert honest["class_called_class"] == honest["class_called_class_restored"] == 1.0
+    assert "changes little" in size_swap_lines([honest])[0]

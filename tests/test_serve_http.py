@@ -208,6 +208,37 @@ def test_page_drop_and_error_message(page, predictor):
     assert page.text_content("#result-label") == "—"
 
 
+def test_page_shows_a_banner_when_recent_films_look_shifted(browser, untrained_bundle, tmp_path):
+    """A fresh server (its own rolling window): no banner at first; after a stream of films unlike the training
+    ones, the next upload brings up the banner."""
+    from PIL import ImageFilter, ImageOps
+
+    def shifted(seed: int) -> bytes:
+        film = xray_like(256, seed=seed).convert("L").filter(ImageFilter.GaussianBlur(6)).crop((0, 0, 140, 256))
+        return encode(ImageOps.invert(film), "PNG")
+
+    process = ServeProcess(untrained_bundle)
+    try:
+        process.wait_ready()
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(f"{process.url}/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('·')")
+        assert page.is_hidden("#site-banner")
+        for i in range(40):
+            httpx.post(f"{process.url}/invocations", content=shifted(8000 + i), headers={"content-type": "image/png"},
+                       timeout=30).raise_for_status()
+        path = tmp_path / "one-more.png"
+        path.write_bytes(shifted(9000))
+        page.set_input_files("#file-input", str(path))
+        page.wait_for_selector("#site-banner", state="visible")
+        assert "do not look like the training data" in page.text_content("#site-banner")
+        assert "radiologist" in page.text_content("#flags")  # the film itself is referred, and says why
+        context.close()
+    finally:
+        process.stop()
+
+
 def test_sigterm_drains_in_flight_requests(untrained_bundle):
     """SIGTERM while a large batch is being predicted: the request still gets its answer, then the
     server exits cleanly (as an orchestrator stopping a container expects)."""

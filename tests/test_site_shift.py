@@ -49,6 +49,8 @@ def test_too_few_films_give_no_verdict():
     result = check(reference(rng), rng.gamma(4, 0.02, MIN_FILMS - 1) + 1, [True] * (MIN_FILMS - 1),
                    ["Covid"] * (MIN_FILMS - 1))
     assert result.shifted is None and "too few" in result.verdict
+    nothing = check(reference(rng), [], [], [])  # a server that has answered nothing yet
+    assert nothing.n == 0 and nothing.shifted is None and "too few" in nothing.to_dict()["verdict"]
 
 
 def test_check_site_command_on_familiar_and_on_shifted_films(untrained_bundle, tmp_path, capsys):

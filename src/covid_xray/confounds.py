@@ -111,10 +111,11 @@ class SizeConfound:
     size: str  # W×H
     share: float  # of the class's files in this source
     others: float  # of the source's files of other classes
+    other_size: str  # the most common size of the source's other classes' files, W×H
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "label": self.label, "size": self.size, "share": round(self.share, 4),
-                "others": round(self.others, 4)}
+                "others": round(self.others, 4), "other_size": self.other_size}
 
     def explanation(self) -> str:
         where = f" in source {self.source!r}" if self.source else ""
@@ -143,5 +144,7 @@ def size_confounds(files: list[FileInfo]) -> list[SizeConfound]:
             share = count / len(mine)
             other_share = sum((f.width, f.height) == size for f in others) / len(others)
             if share >= SIZE_SHARE and other_share <= SIZE_OTHERS:
-                found.append(SizeConfound(source, label, f"{size[0]}×{size[1]}", share, other_share))
+                other = Counter((f.width, f.height) for f in others).most_common(1)[0][0]
+                found.append(SizeConfound(source, label, f"{size[0]}×{size[1]}", share, other_share,
+                                          f"{other[0]}×{other[1]}"))
     return found

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .audit import AuditReport
+from .confounds import SizeConfound
 from .calibration import expected_calibration_error, referral_summary
 from .data import Dataset, Sample, discover, labelled_files, parse_sources
 from .duplicates import leaked_test_paths
@@ -64,6 +65,47 @@ def masked_probe(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray
     result["majority_rate"] = float(np.bincount(y).max() / len(y))
     result["n"] = len(y)
     return result
+
+
+def _restored(path: os.PathLike, width_height: tuple[int, int], size: int) -> np.ndarray:
+    """The film as if its source had stored it at another size (resampled, saved losslessly), then
+    preprocessed as training does."""
+    import io
+
+    from PIL import Image
+
+    from .images import load_image
+
+    buffer = io.BytesIO()
+    Image.fromarray(load_image(path)).resize(width_height, Image.Resampling.BICUBIC).save(buffer, "PNG")
+    return load_image(buffer.getvalue(), size)
+
+
+def size_swap_probe(probabilities: Callable[[np.ndarray], np.ndarray], samples: list[Sample], classes: list[str],
+                    confound: SizeConfound, size: int) -> dict[str, Any] | None:
+    """Does the model read the class from a native size only that class has (`confounds.size_confounds`)?
+    The source's test films are re-stored at the other size — that class's films at the others' size, the
+    others' at its size — and predicted again: if the size or its resampling texture carries the class,
+    that class's films lose it and the others gain it. None when the split has no such films."""
+    films = [s for s in samples if s.source == confound.source]
+    target = classes.index(confound.label)
+    mine, others = [s for s in films if s.label == target], [s for s in films if s.label != target]
+    if not mine or not others:
+        return None
+    to_other = tuple(int(v) for v in confound.other_size.split("×"))
+    to_mine = tuple(int(v) for v in confound.size.split("×"))
+
+    def called(group: list[Sample], restore_to: tuple[int, int] | None) -> float:
+        from .images import load_image
+
+        images = np.stack([load_image(s.path, size) if restore_to is None else _restored(s.path, restore_to, size)
+                           for s in group])
+        return round(float((probabilities(images).argmax(1) == target).mean()), 4)
+
+    return {"source": confound.source, "class": confound.label, "size": confound.size,
+            "other_size": confound.other_size, "n_class": len(mine), "n_others": len(others),
+            "class_called_class": called(mine, None), "class_called_class_restored": called(mine, to_other),
+            "others_called_class": called(others, None), "others_called_class_restored": called(others, to_mine)}
 
 
 def trained_dataset(config: BundleConfig, data: str | os.PathLike | Sequence[str | os.PathLike] | None) -> Dataset:

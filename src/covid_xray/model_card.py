@@ -88,6 +88,7 @@ def render(config: BundleConfig, metrics: dict[str, Any], audit_report: audit.Au
         "",
         f"- metadata probe: {audit.probe_explanation(probe)}" if probe else "- metadata probe: not run",
         f"- masked lung field: {report.masked_explanation(metrics['test_masked'])}",
+        *(f"- native size: {line}" for line in report.size_swap_lines(metrics.get("size_swap", []))),
         "",
         "## Known limitations",
         "",
@@ -95,8 +96,10 @@ def render(config: BundleConfig, metrics: dict[str, Any], audit_report: audit.Au
         "- Three classes only: other findings (bacterial pneumonia, tuberculosis, effusion, devices) get one of the three "
         "labels, possibly with high confidence.",
         "- Calibration and the referral threshold were fitted on a small validation split; recheck them on local data.",
-        "- The out-of-distribution guard catches images unlike the training X-rays; it cannot catch a chest X-ray "
-        "that looks familiar but comes from a population the data did not cover.",
+        "- The out-of-distribution guard catches images unlike the training X-rays, and the class distance films "
+        "unlike the training films of the class they are called; neither catches a film from a population the data "
+        "did not cover that the model's features place among a class's training films. Run `covid-xray check-site` "
+        "on a new site's films, and evaluate on its labelled films (`covid-xray evaluate --external`), before use.",
         "",
     ]
     return "\n".join(lines)

@@ -61,6 +61,19 @@ def confusion_table(metrics: dict[str, Any], classes: list[str]) -> str:
     return "\n".join(rows)
 
 
+def size_swap_lines(swaps: list[dict[str, Any]]) -> list[str]:
+    """The native-size probe's results (`evaluation.size_swap_probe`), as a sentence each."""
+    return [f"`{s['class']}` test films of `{s['source']}` (stored at {s['size']}) called {s['class']}: "
+            f"{s['class_called_class']:.0%} as stored, {s['class_called_class_restored']:.0%} re-stored at "
+            f"{s['other_size']}; its other classes' films called {s['class']}: {s['others_called_class']:.0%} as "
+            f"stored, {s['others_called_class_restored']:.0%} re-stored at {s['size']}. "
+            + ("The native size carries the class for this model: do not trust it on films stored otherwise."
+               if s["class_called_class"] - s["class_called_class_restored"] >= 0.2
+               or s["others_called_class_restored"] - s["others_called_class"] >= 0.2
+               else "Re-storing changes little: the model does not read the class from the size.")
+            for s in swaps]
+
+
 def masked_explanation(probe: dict[str, float]) -> str:
     """What the masked probe's numbers suggest, in plain words."""
     full, hidden, only, majority = probe["full"], probe["centre_hidden"], probe["centre_only"], probe["majority_rate"]
@@ -268,6 +281,8 @@ def write_report(
         "",
         masked_explanation(metrics["test_masked"]),
         "",
+        *(["## Shortcut probe: native size", "", *size_swap_lines(metrics["size_swap"]), ""]
+          if "size_swap" in metrics else []),
         audit_report.to_markdown(heading="##"),
         "",
         "## Validation results (used for model selection, so optimistic)",

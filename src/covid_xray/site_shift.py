@@ -75,38 +75,32 @@ class SiteCheck:
         return {**asdict(self), "verdict": self.verdict}
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if not n:
-        return 0.0, 1.0
-    p = k / n
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
-
-
 def check(reference: Reference, scores: Sequence[float], referred: Sequence[bool], labels: Sequence[str]) -> SiteCheck:
     """The site's films as the model saw them: each film's guard score, `refer` flag and predicted label."""
-    from scipy.stats import fisher_exact, mannwhitneyu
+    from scipy.stats import binomtest, fisher_exact, mannwhitneyu
 
-    n = len(scores)
-    k = int(np.sum(referred))
-    referred_p = float(fisher_exact([[k, n - k], [reference.referred, reference.n - reference.referred]],
-                                    alternative="greater").pvalue) if n else 1.0
-    test = mannwhitneyu(scores, reference.scores, alternative="greater") if n else None
-    score_p = float(test.pvalue) if n else 1.0
-    effect = float(test.statistic / (n * len(reference.scores))) if n else 0.5
-    expected = wilson(reference.referred, reference.n)
+    n, k = len(scores), int(np.sum(referred))
+    interval = binomtest(reference.referred, reference.n).proportion_ci(method="wilson") if reference.n else None
+    expected = (round(interval.low, 4), round(interval.high, 4)) if interval else (0.0, 1.0)
+    if not n:
+        return SiteCheck(0, None, 0.0, expected, 1.0, 1.0, 0.5, 0.0, round(float(np.median(reference.scores)), 4),
+                         {c: 0.0 for c in reference.class_mix}, reference.class_mix, [])
+    referred_p = fisher_exact([[k, n - k], [reference.referred, reference.n - reference.referred]],
+                              alternative="greater").pvalue
+    test = mannwhitneyu(scores, reference.scores, alternative="greater")
+    effect = float(test.statistic / (n * len(reference.scores)))  # the probability of superiority
     reasons = []
     if referred_p < ALPHA:
         reasons.append(f"{k / n:.0%} referred, validation predicts {expected[0]:.0%}–{expected[1]:.0%}")
-    if score_p < ALPHA and effect >= LARGE_EFFECT:
+    if test.pvalue < ALPHA and effect >= LARGE_EFFECT:
         reasons.append(f"farther from the training films than validation films are: {effect:.0%} of comparisons, "
-                       f"p = {score_p:.1g}")
-    mix = {c: round(float(np.mean([label == c for label in labels])), 4) if n else 0.0 for c in reference.class_mix}
+                       f"p = {test.pvalue:.1g}")
     return SiteCheck(
-        n=n, shifted=bool(reasons) if n >= MIN_FILMS else None, referred_rate=round(k / n, 4) if n else 0.0,
-        expected_referred=(round(expected[0], 4), round(expected[1], 4)), referred_p=float(f"{referred_p:.3g}"),
-        score_p=float(f"{score_p:.3g}"), score_effect=round(effect, 4), median_score=round(float(np.median(scores)), 4) if n else 0.0,
-        expected_median_score=round(float(np.median(reference.scores)), 4), class_mix=mix,
+        n=n, shifted=bool(reasons) if n >= MIN_FILMS else None, referred_rate=round(k / n, 4),
+        expected_referred=expected, referred_p=float(f"{referred_p:.3g}"), score_p=float(f"{test.pvalue:.3g}"),
+        score_effect=round(effect, 4), median_score=round(float(np.median(scores)), 4),
+        expected_median_score=round(float(np.median(reference.scores)), 4),
+        class_mix={c: round(sum(label == c for label in labels) / n, 4) for c in reference.class_mix},
         training_mix=reference.class_mix, reasons=reasons,
     )
 

@@ -27,7 +27,7 @@ from .calibration import softmax
 from .config import MIN_IMAGE_SIZE, TrainConfig
 from .duplicates import leaked_test_paths
 from .errors import CovidXrayError
-from .evaluation import evaluate_outputs, external_samples, masked_probe, split_test
+from .evaluation import evaluate_outputs, external_samples, masked_probe, size_swap_probe, split_test
 from .images import Decoded, decode_samples
 from .metrics import summary_lines
 from .models import XrayNet, create_model, input_size, predict_outputs, predict_probs
@@ -325,6 +325,11 @@ def _evaluate(model: XrayNet, reported: dict[str, Decoded], outputs: dict[str, S
         metrics["external"]["source"] = reported["external"].samples[0].source
     test = outputs["test"]
     metrics["test_masked"] = masked_probe(lambda images: predict_probs(model, images), test.images[:], test.labels)
+    tested = [s for split in ("test", "test_in_sources") if split in reported for s in reported[split].samples]
+    swaps = [size_swap_probe(lambda images: predict_probs(model, images), tested, dataset.classes, confound,
+                             image_size(cfg)) for confound in audit_report.size_confounds]
+    if any(swaps):
+        metrics["size_swap"] = [swap for swap in swaps if swap]
     figures = [f for split in reported
                for f in plots.write_plots(run_dir, split, outputs[split].labels, probs[split], dataset.classes,
                                           metrics[split])]
