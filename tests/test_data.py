@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 
 import numpy as np
 import pytest
@@ -230,3 +231,37 @@ def test_texture_jitter_blurs_and_compresses_but_keeps_the_film():
 
     assert detail(out) < 0.8 * detail(film)  # resolution lost
     assert (out.float() - film.float()).abs().mean() < 12  # but the same film
+
+
+def test_files_known_to_be_mislabelled_are_listed_and_can_be_left_out(tmp_path, monkeypatch):
+    import hashlib
+
+    from covid_xray import known_labels
+    from covid_xray.audit import audit_dataset
+
+    root = make_class_tree(tmp_path / "data", per_class=8, size=64)
+    wrong = sorted((root / "A").iterdir())[0]
+    data = wrong.read_bytes()
+    # This generated file plays the part of a known bad label (the real list holds the Kaggle SARS figures).
+    monkeypatch.setitem(known_labels.MISLABELLED, hashlib.sha256(data).hexdigest(), "not what its folder says")
+    monkeypatch.setattr(known_labels, "BYTE_SIZES", known_labels.BYTE_SIZES | {len(data)})
+    copy = tmp_path / "data" / "B" / "renamed.png"
+    copy.write_bytes(data)  # the same bytes under another name and class are recognised too
+
+    kept = discover(root)
+    report = audit_dataset(kept, probe=False)
+    assert sorted(f.path for f, _ in report.known_mislabelled) == sorted([wrong, copy])
+    assert "Labels known to be wrong" in report.to_markdown()
+    dropped = discover(root, drop_mislabelled=True)
+    assert sorted(dropped.dropped) == sorted([wrong, copy])
+    every = [s.path for split in dropped.splits.values() for s in split]
+    assert wrong not in every and copy not in every and len(every) == len(
+        [s for split in kept.splits.values() for s in split]) - 2
+
+
+@pytest.mark.skipif(not os.environ.get("COVID_XRAY_DATA"), reason="COVID_XRAY_DATA is not set")
+def test_the_kaggle_sars_figures_are_recognised():
+    dataset = discover(os.environ["COVID_XRAY_DATA"], drop_mislabelled=True)
+    assert sorted(p.name for p in dataset.dropped) == sorted(
+        f"0{n}.jpeg" if n != 56 else "056.jpg" for n in range(40, 60))
+    assert all(p.parent.name == "Covid" and p.parent.parent.name == "train" for p in dataset.dropped)

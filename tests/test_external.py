@@ -42,3 +42,15 @@ def test_a_site_may_lack_a_class_but_not_bring_an_unknown_one(untrained_bundle, 
     assert cli.main(["evaluate", str(untrained_bundle), "--data", str(other), "--external"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Healthy" in err and "rename those folders" in err
+
+
+def test_train_refuses_a_bad_external_folder_before_training(tmp_path, capsys):
+    data = make_class_tree(tmp_path / "data", classes=CLASSES, per_class=8, size=64)
+    other = make_class_tree(tmp_path / "other", classes=("Covid", "Healthy"), per_class=3, size=64)
+    common = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--weights", "none", "--image-size", "64"]
+    assert cli.main([*common, "--external", f"site={other}"]) == 2
+    assert "Healthy" in capsys.readouterr().err
+    assert cli.main([*common, "--external", f"site={tmp_path / 'missing'}"]) == 2
+    err = capsys.readouterr().err
+    assert "missing not found" in err and "another site's films" in err and "covid-xray download" not in err
+    assert not (tmp_path / "run" / "model").exists()  # nothing was trained

@@ -60,6 +60,13 @@ def test_class_distance_refers_films_unlike_the_training_films_of_the_class_they
     assert guard.classes.flags(guard.classes.score(val, val_labels)).mean() == pytest.approx(0.05, abs=0.03)
 
 
+def test_a_film_called_a_class_without_training_films_is_atypical():
+    train, labels = labelled(100, 0)  # classes 0 and 1 only; the model has a third
+    guard = OODGuard.fit(train, labelled(20, 1)[0], labels, labelled(20, 1)[1], n_classes=3)
+    features, _ = labelled(10, 2)
+    assert guard.classes.flags(guard.classes.score(features, np.full(10, 2))).all()
+
+
 def test_class_distance_round_trips_through_the_bundle_files(tmp_path):
     train, labels = labelled(60, 0)
     guard = OODGuard.fit(train, labelled(20, 1)[0], labels, labelled(20, 1)[1])

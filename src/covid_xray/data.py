@@ -21,6 +21,7 @@ from PIL import Image
 
 from .config import SPLIT_SEED, TEST_FRACTION, VAL_FRACTION
 from .errors import DataError
+from .known_labels import mislabelled
 from .util import relative_path
 
 if TYPE_CHECKING:  # images builds on this module's Sample
@@ -62,6 +63,7 @@ class Dataset:
     root: Path = Path(".")
     sources: list[Source] = field(default_factory=list)
     holdout: str | None = None  # a source used only for testing: all its images are in "test"
+    dropped: list[Path] = field(default_factory=list)  # files known to be mislabelled, left out
 
     def __getitem__(self, split: str) -> list[Sample]:
         return self.splits[split]
@@ -82,11 +84,14 @@ class Dataset:
                     writer.writerow([relative_path(s.path, self.root), self.classes[s.label], split, s.source])
 
 
-def resolve_data_dir(arg: str | os.PathLike | None) -> Path:
-    """--data, else $COVID_XRAY_DATA, else ./data/Covid19-dataset; say how to get it if absent."""
+def resolve_data_dir(arg: str | os.PathLike | None, missing: str | None = None) -> Path:
+    """--data, else $COVID_XRAY_DATA, else ./data/Covid19-dataset; say how to get it if absent (or, for
+    a folder that is not the training data, what `missing` says)."""
     candidate = Path(arg or os.environ.get(DATA_ENV_VAR) or DEFAULT_DATA_DIR).expanduser()
     if candidate.exists():
         return candidate
+    if missing:
+        raise DataError(f"{candidate} not found: {missing}")
     # `download` installs at data/Covid19-dataset unless told where: name the folder only when it differs.
     dest = "" if candidate == DEFAULT_DATA_DIR else f" --dest {candidate}"
     raise DataError(
@@ -96,15 +101,16 @@ def resolve_data_dir(arg: str | os.PathLike | None) -> Path:
     )
 
 
-def parse_sources(data: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[Source]:
+def parse_sources(data: str | os.PathLike | Sequence[str | os.PathLike] | None, missing: str | None = None) -> list[Source]:
     """`--data` values (one or several) as named sources. `NAME=PATH` names a source; otherwise its name
-    is the folder's (or manifest's) name, made unique with -2, -3, … No value: the default dataset."""
+    is the folder's (or manifest's) name, made unique with -2, -3, … No value: the default dataset.
+    `missing`: what to tell a user whose path does not exist (default: how to get the Kaggle data)."""
     values = [data] if isinstance(data, (str, os.PathLike)) else list(data or []) or [None]
     named: list[tuple[str | None, Path]] = []
     for value in values:
         name, sep, rest = str(value).partition("=") if value is not None else ("", "", "")
         explicit = bool(sep and name and rest and "/" not in name and not Path(str(value)).exists())
-        named.append((name if explicit else None, resolve_data_dir(rest if explicit else value)))
+        named.append((name if explicit else None, resolve_data_dir(rest if explicit else value, missing)))
     taken = [name for name, _ in named if name]
     if len(set(taken)) < len(taken):
         raise DataError(f"source names must differ: {', '.join(taken)}")
@@ -132,6 +138,7 @@ def discover(
     test_fraction: float = TEST_FRACTION,
     split_seed: int = SPLIT_SEED,
     holdout: str | None = None,
+    drop_mislabelled: bool = False,
 ) -> Dataset:
     """Find train/val/test samples in one dataset (a path) or several sources, each a Kaggle layout,
     a class-folder tree or a CSV manifest.
@@ -139,7 +146,8 @@ def discover(
     Each source is split on its own: validation is always carved from its train (stratified, seeded);
     test only when it does not provide one. The splits of all sources are then concatenated. Class
     names are the sorted folder/label names of all sources. `holdout` names a source used for testing
-    only: all its images go to "test", none to train or val.
+    only: all its images go to "test", none to train or val. `drop_mislabelled` leaves out the files
+    known to be mislabelled (`known_labels`) before any split is carved.
     """
     if isinstance(data, (str, os.PathLike)):
         sources = [Source(_default_name(Path(data)), Path(data))]
@@ -155,9 +163,12 @@ def discover(
     index = {c: i for i, c in enumerate(classes)}
 
     splits: dict[str, list[Sample]] = {s: [] for s in SPLITS}
-    found = []
+    found, dropped = [], []
     for source in sources:
         layout, items = given[source.name]
+        if drop_mislabelled:
+            dropped += [p for s in SPLITS for p, _ in items.get(s, []) if mislabelled(p)]
+            items = {s: [(p, label) for p, label in items.get(s, []) if p not in dropped] for s in SPLITS}
         mine = {s: [Sample(p, index[label], source.name) for p, label in items.get(s, [])] for s in SPLITS}
         carved: list[str] = []
         if source.name == holdout:  # the model never sees any of it: every image tests it
@@ -172,7 +183,7 @@ def discover(
     carved = [split for split in ("test", "val") if any(split in s.carved for s in found)]
     roots = [s.path.parent if s.layout == "csv" else s.path for s in found]
     root = roots[0] if len(roots) == 1 else Path(os.path.commonpath([r.resolve() for r in roots]))
-    return Dataset(classes, splits, layout, carved, root, found, holdout)
+    return Dataset(classes, splits, layout, carved, root, found, holdout, dropped)
 
 
 def given_splits(root: Path, *, single: bool) -> tuple[str, dict[str, list[tuple[Path, str]]]]:

@@ -119,7 +119,7 @@ def trained_dataset(config: BundleConfig, data: str | os.PathLike | Sequence[str
         raise ModelError(f"the bundle was trained on sources {', '.join(trained)}; pass each again as --data NAME=PATH "
                          f"(got {', '.join(s.name for s in sources)})")
     dataset = discover(sources, val_fraction=hp.val_fraction, test_fraction=hp.test_fraction, split_seed=hp.split_seed,
-                       holdout=hp.holdout_source)
+                       holdout=hp.holdout_source, drop_mislabelled=hp.drop_mislabelled)
     if dataset.classes != config.classes:
         raise ModelError(f"the data's classes {dataset.classes} differ from the bundle's {config.classes}; "
                          f"use the data the model was trained on (--data)")
@@ -186,7 +186,8 @@ def evaluate_bundle(config: BundleConfig, probabilities: Callable[[np.ndarray], 
 def external_samples(classes: list[str], data: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[Sample]:
     """Every labelled film of one site the bundle was not trained on, labelled with the bundle's class
     indices (`classes`); the site may lack a class, but a class the bundle does not know is refused."""
-    sources = parse_sources(data)
+    sources = parse_sources(data, missing="give NAME=DIR, a labelled folder of another site's films (class "
+                                          "folders, the Kaggle layout or a CSV manifest)")
     if len(sources) != 1:
         raise DataError("--external evaluates one labelled folder: pass one --data NAME=DIR")
     source = sources[0]

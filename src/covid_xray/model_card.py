@@ -61,6 +61,8 @@ def render(config: BundleConfig, metrics: dict[str, Any], audit_report: audit.Au
         f"{d['audit']['near_duplicate_pairs']} near-duplicate pairs, {d['audit']['leaked_test_images']} test images that "
         "copy training/validation images.",
         *_data_warnings(d["audit"]),
+        *([f"- {len(d['dropped_mislabelled'])} files known to be mislabelled were left out before the splits were "
+           "made (`config.json` → `data.dropped_mislabelled`)."] if d.get("dropped_mislabelled") else []),
         "",
         "## Performance on the held-out test split",
         "",

@@ -57,12 +57,14 @@ class ClassDistance:
 
     @classmethod
     def fit(cls, train_features: np.ndarray, train_labels, val_features: np.ndarray, val_predicted,
-            percentile: float = CLASS_PERCENTILE) -> ClassDistance:
+            n_classes: int | None = None, percentile: float = CLASS_PERCENTILE) -> ClassDistance:
+        """`n_classes`: the model's (default: the training labels'). A class without training films gets a
+        zero mean, far from every film, so a film called that class is always atypical."""
         from sklearn.covariance import LedoitWolf
 
         features, labels = _normalise(train_features), np.asarray(train_labels)
         means = np.stack([features[labels == c].mean(0) if (labels == c).any() else np.zeros(features.shape[1])
-                          for c in range(int(labels.max()) + 1)]).astype(np.float32)
+                          for c in range(n_classes or int(labels.max()) + 1)]).astype(np.float32)
         precision = LedoitWolf(assume_centered=True).fit(features - means[labels]).precision_.astype(np.float32)
         distance = cls(means, precision, threshold=float("inf"))
         if len(val_features):
@@ -93,12 +95,12 @@ class OODGuard:
 
     @classmethod
     def fit(cls, train_features: np.ndarray, val_features: np.ndarray, train_labels=None, val_predicted=None,
-            k: int = K, margin: float = MARGIN) -> OODGuard:
+            n_classes: int | None = None, k: int = K, margin: float = MARGIN) -> OODGuard:
         """Store the training features; set the thresholds from validation images' scores. With the training
         labels and the classes predicted for validation, also fit the class distance."""
         bank = _normalise(train_features)
         classes = None if train_labels is None else ClassDistance.fit(train_features, train_labels, val_features,
-                                                                      val_predicted)
+                                                                      val_predicted, n_classes)
         guard = cls(bank, threshold=float("inf"), k=min(k, len(bank)), margin=margin, classes=classes)
         guard.threshold = float(guard.score(val_features).max() * margin) if len(val_features) else float("inf")
         return guard

@@ -259,6 +259,8 @@ def write_report(
         "the exact split of every file is in `splits.csv`",
         "- the **test split was used for nothing but this evaluation**: early stopping and model selection used validation only",
         f"- unreadable images skipped: {len(d['skipped_images'])}" + "".join(f"\n  - {r}" for r in d["skipped_images"]),
+        *([f"- files known to be mislabelled, left out: {len(d['dropped_mislabelled'])} ("
+           + ", ".join(f"`{p}`" for p in d["dropped_mislabelled"]) + ")"] if d.get("dropped_mislabelled") else []),
         f"- data fingerprint: `{d['fingerprint'][:16]}…`",
         "",
         "## Test results" + (f": held-out source `{d['holdout_source']}`, all its images" if d["holdout_source"] else ""),

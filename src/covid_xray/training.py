@@ -35,7 +35,7 @@ from .report import write_report
 from .runtime import Distributed, autocast, pick_device, seed_everything, slow_bf16_convs_in_fp32
 from .confounds import source_mix_explanation
 from .trust import SplitOutputs, Trust, fit_trust
-from .util import atomic_path, atomic_write, onnx_available
+from .util import atomic_path, atomic_write, onnx_available, relative_path
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -236,6 +236,8 @@ def train_run(
     size = image_size(cfg)
 
     dataset = _discover(cfg, data, log)
+    # Another site's films are listed (and a class the data lacks refused) before minutes of training, not after.
+    external = external_samples(dataset.classes, cfg.external) if cfg.external else None
     audit_report = _audit(dataset, run_dir, cfg.seed, log) if dist.main else None
     decoded = {s: decode_samples(dataset[s], size, skip_bad=cfg.skip_bad_images) for s in data_mod.SPLITS}
     for reason in _skipped(decoded):
@@ -248,9 +250,8 @@ def train_run(
     model.cpu()
 
     reported = {"val": decoded["val"], **split_test(decoded["test"], dataset.holdout)}
-    if cfg.external:  # another site's labelled films: every figure of the test split, next to it
-        reported["external"] = decode_samples(external_samples(dataset.classes, cfg.external), size,
-                                              skip_bad=cfg.skip_bad_images)
+    if external:  # another site's labelled films: every figure of the test split, next to it
+        reported["external"] = decode_samples(external, size, skip_bad=cfg.skip_bad_images)
     outputs = _outputs(model, {"train": decoded["train"], **reported})
     trust = fit_trust(outputs, dataset.classes, cfg.refer_sensitivity, _outlier_outputs(model, size))
     metrics, figures = _evaluate(model, reported, outputs, trust, dataset, audit_report, cfg, run_dir)
@@ -268,7 +269,10 @@ def train_run(
 
 def _discover(cfg: TrainConfig, data, log) -> data_mod.Dataset:
     dataset = data_mod.discover(data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
-                                split_seed=cfg.split_seed, holdout=cfg.holdout_source)
+                                split_seed=cfg.split_seed, holdout=cfg.holdout_source,
+                                drop_mislabelled=cfg.drop_mislabelled)
+    if dataset.dropped:
+        log(f"left out {len(dataset.dropped)} files known to be mislabelled (--no-drop-mislabelled keeps them)")
     log(f"data: {dataset.layout} layout, classes {dataset.classes}, "
         + ", ".join(f"{s} {len(dataset[s])}" for s in data_mod.SPLITS) + _sources_line(dataset))
     return dataset
@@ -347,6 +351,7 @@ def _bundle_config(model: XrayNet, cfg: TrainConfig, size: int, dataset: data_mo
         "carved_splits": dataset.carved,
         "counts": {s: len(decoded[s].samples) for s in data_mod.SPLITS},
         "skipped_images": _skipped(decoded),
+        "dropped_mislabelled": [relative_path(p, dataset.root) for p in dataset.dropped],
         "audit": {
             "exact_duplicate_groups": len(audit_report.exact_groups),
             "near_duplicate_pairs": len(audit_report.near_pairs),

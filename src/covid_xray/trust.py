@@ -59,7 +59,7 @@ def fit_trust(splits: dict[str, SplitOutputs], classes: list[str], target_sensit
     `outliers`: synthetic non-X-ray images and their features, to report what the guard flags."""
     val, train = splits["val"], splits["train"]
     temperature = round(fit_temperature(val.logits, val.labels), 6)
-    guard = ood.OODGuard.fit(train.features, val.features, train.labels, val.logits.argmax(1))
+    guard = ood.OODGuard.fit(train.features, val.features, train.labels, val.logits.argmax(1), len(classes))
     covid = covid_index(classes)
     threshold = referral_threshold(softmax(val.logits, temperature), val.labels, covid, target_sensitivity)
     referral: dict[str, Any] = {"threshold": round(threshold, 6), "target_covid_sensitivity": target_sensitivity}
