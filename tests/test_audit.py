@@ -121,7 +121,7 @@ def test_audit_flags_a_native_size_only_one_class_has(tmp_path):
     assert [(c.label, c.size, c.share, c.others) for c in report.size_confounds] == [("C", "80×80", 1.0, 0.0)]
     assert report.to_dict()["size_confounds"][0]["label"] == "C"
     text = report.to_markdown()
-    assert "## Class × native size" in text and "tell the class" in text and "--texture-jitter" in text
+    assert "## Class × native size" in text and "can tell the class" in text and "native-size probe" in text
 
 
 def test_audit_flags_no_size_when_every_class_shares_it(tmp_path):
@@ -210,3 +210,6 @@ def test_kaggle_dataset_exact_and_near_copies_in_test(dataset_dir):
     assert {"test/Covid/0100.jpeg", "test/Covid/0112.jpg"} <= near
     assert all(report.rel(p).startswith("test/Covid/") for p in leaked_test_paths(report))
     assert not report.unreadable and not report.label_conflicts
+    # The SARS figures filed as Covid (known_labels), all in train/Covid.
+    assert sorted(report.rel(f.path) for f, _ in report.known_mislabelled) == \
+        sorted(f"train/Covid/0{n}.{'jpg' if n == 56 else 'jpeg'}" for n in range(40, 60))

@@ -121,8 +121,8 @@ class SizeConfound:
         where = f" in source {self.source!r}" if self.source else ""
         return (f"{self.share:.0%} of the {self.label!r} files{where} are {self.size}, against {self.others:.0%} of its "
                 f"other classes' files: the native size, and the texture that resampling it to the input size leaves, "
-                f"tell the class. Train with --texture-jitter, and compare the per-source results and "
-                f"--holdout-source before trusting the model on films of this source.")
+                f"can tell the class. Training runs the native-size probe on the test split to show whether the model "
+                f"learned it; --texture-jitter randomises resolution and compression in training.")
 
 
 def size_confounds(files: list[FileInfo]) -> list[SizeConfound]:
