@@ -71,3 +71,12 @@ def test_a_bundle_of_another_format_is_refused_with_what_to_do(untrained_bundle,
     (bundle / "config.json").write_text(json.dumps({**config, "format_version": 2}))
     with pytest.raises(ModelError, match="bundle format 2.*retrain with this version"):
         load_bundle(bundle)
+
+
+def test_a_bundle_from_before_a_setting_existed_is_read_as_it_was_trained():
+    from covid_xray.config import TrainConfig
+
+    # Bundles made before --drop-mislabelled kept those files: `evaluate --data` must rebuild their splits so.
+    assert TrainConfig.from_dict({"seed": 3}).drop_mislabelled is False
+    assert TrainConfig.from_dict({"drop_mislabelled": True}).drop_mislabelled is True
+    assert TrainConfig().drop_mislabelled is True and TrainConfig.from_dict({}).backbone == TrainConfig().backbone

@@ -23,10 +23,16 @@ TEST_FRACTION = 0.2
 SPLIT_SEED = 0
 
 
-def setting(default: Any, help: str, *, resumable: bool = False, metavar: str | None = None) -> Any:
+_TODAY = object()
+
+
+def setting(default: Any, help: str, *, resumable: bool = False, metavar: str | None = None,
+            before: Any = _TODAY) -> Any:
     """A TrainConfig field. `resumable`: the setting may differ when `--resume` continues a checkpoint
-    (it changes nothing about the weights trained so far)."""
-    return field(default=default, metadata={"help": help, "resumable": resumable, "metavar": metavar})
+    (it changes nothing about the weights trained so far). `before`: what a bundle made before the
+    setting existed did, when that differs from today's default (so its splits are rebuilt as trained)."""
+    return field(default=default, metadata={"help": help, "resumable": resumable, "metavar": metavar,
+                                            "before": before})
 
 
 @dataclass
@@ -56,7 +62,7 @@ class TrainConfig:
     image_size: int | None = setting(None, f"input size (default: the backbone's pretraining size, at least {MIN_IMAGE_SIZE})")
     # Chosen on the cross-site benchmark (docs/experiments.md, "Input-side candidates").
     drop_mislabelled: bool = setting(True, "leave out the files known to be mislabelled (covid_xray.known_labels: "
-                                           "the Kaggle set's SARS figures filed as Covid)")
+                                           "the Kaggle set's SARS figures filed as Covid)", before=False)
     texture_jitter: bool = setting(False, "augment with random resolution loss and JPEG compression, so that "
                                           "neither can stand in for the class")
     skip_bad_images: bool = setting(False, "skip unreadable files (counted in the report) instead of stopping")
@@ -83,9 +89,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Settings recorded in a bundle; ones it does not record (older bundles) take today's defaults."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        """Settings recorded in a bundle; ones it does not record (older bundles) take what such bundles did:
+        today's default, or the setting's `before`."""
+        fields = dataclasses.fields(cls)
+        older = {f.name: f.metadata["before"] for f in fields if f.metadata["before"] is not _TODAY}
+        return cls(**{**older, **{k: v for k, v in values.items() if k in {f.name for f in fields}}})
 
 
 def setting_types() -> dict[str, type]:
