@@ -26,6 +26,7 @@ from covid_xray.calibration import referral_summary, softmax
 from covid_xray.evaluation import external_samples, trained_dataset
 from covid_xray.images import decode_samples
 from covid_xray.inference import Predictor
+from covid_xray.ood import ClassDistance
 from covid_xray.trust import covid_index
 
 PERCENTILES = (80, 90, 95, 97.5, 100)
@@ -64,19 +65,9 @@ def class_knn(train: Split, k: int = 5) -> Callable[[Split], np.ndarray]:
 
 
 def class_mahalanobis(train: Split) -> Callable[[Split], np.ndarray]:
-    from sklearn.covariance import LedoitWolf
-
-    feats = _normalise(train.features)
-    classes = np.unique(train.labels)
-    means = {c: feats[train.labels == c].mean(0) for c in classes}
-    centred = np.concatenate([feats[train.labels == c] - means[c] for c in classes])
-    precision = LedoitWolf(assume_centered=True).fit(centred).precision_
-
-    def score(split: Split) -> np.ndarray:
-        d = _normalise(split.features) - np.stack([means[c] for c in split.predicted])
-        return np.sqrt(np.einsum("nd,de,ne->n", d, precision, d)).astype(np.float32)
-
-    return score
+    """R2, the candidate adopted: the package's own class distance (`ood.ClassDistance`)."""
+    distance = ClassDistance.fit(train.features, train.labels, np.zeros((0, train.features.shape[1])), [])
+    return lambda split: distance.score(split.features, split.predicted)
 
 
 def energy(temperature: float) -> Callable[[Split], np.ndarray]:
