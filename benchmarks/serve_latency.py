@@ -4,8 +4,9 @@
 
 Starts a real server process (default settings), then measures:
   - one client, one request at a time: p50/p95 latency and throughput;
-  - `--clients` concurrent clients sending the same number of requests: throughput and latency;
-  - `covid-xray predict` on one JPEG in a fresh process (wall time, process start included).
+  - `--clients` concurrent clients sending the same number of requests: throughput and latency.
+With --api-key the server requires a (generated) API key and every request sends it, to compare with a run
+without. (`benchmarks/user_wait.py` times `covid-xray predict` in a fresh process.)
 Without --bundle it builds a bundle of the default backbone at the default training size with a random
 head, exported to ONNX like a trained bundle (same cost, without the OOD guard's small matrix product).
 """
@@ -14,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shlex
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,9 +66,10 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
 
 
-def start_server(bundle: Path, port: int, extra: list[str]) -> subprocess.Popen:
+def start_server(bundle: Path, port: int, extra: list[str], key: str | None = None) -> subprocess.Popen:
+    keys = {"COVID_XRAY_API_KEYS": key} if key else {}
     proc = subprocess.Popen([sys.executable, "-m", "covid_xray.cli", "serve", str(bundle), "--port", str(port),
-                             "--log-level", "warning", *extra], env=env())
+                             "--log-level", "warning", *extra], env={**env(), **keys})
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -82,8 +84,9 @@ def start_server(bundle: Path, port: int, extra: list[str]) -> subprocess.Popen:
     sys.exit("server did not become ready")
 
 
-def run_clients(url: str, image: bytes, clients: int, total: int) -> tuple[float, list[float]]:
+def run_clients(url: str, image: bytes, clients: int, total: int, key: str | None = None) -> tuple[float, list[float]]:
     """`total` requests split over `clients` threads, each with its own keep-alive connection."""
+    headers = {"Content-Type": "image/jpeg", **({"Authorization": f"Bearer {key}"} if key else {})}
     latencies: list[float] = []
     lock = threading.Lock()
     counts = [total // clients + (c < total % clients) for c in range(clients)]
@@ -102,7 +105,7 @@ def run_clients(url: str, image: bytes, clients: int, total: int) -> tuple[float
         barrier.wait()
         for _ in range(n):
             t = time.perf_counter()
-            http.request("POST", "/invocations", body=image, headers={"Content-Type": "image/jpeg"})
+            http.request("POST", "/invocations", body=image, headers=headers)
             r = http.getresponse()
             body = r.read()
             mine.append(time.perf_counter() - t)
@@ -140,48 +143,37 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000
 
 
-def predict_wall(bundle: Path, image: Path, runs: int = 3) -> float:
-    walls = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "covid_xray.cli", "predict", str(bundle), str(image)], env=env(),
-                       check=True, capture_output=True)
-        walls.append(time.perf_counter() - t)
-    return statistics.median(walls)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, help="model bundle (default: default backbone, random head)")
     parser.add_argument("--requests", type=int, default=200, help="requests per measurement")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--serve-args", default="", help="extra options for covid-xray serve, e.g. '--max-batch-size 4'")
-    parser.add_argument("--skip-predict", action="store_true", help="do not time `covid-xray predict`")
+    parser.add_argument("--api-key", action="store_true", help="serve with an API key, sent by every request")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         bundle = args.bundle or default_bundle(tmp)
         image = xray_jpeg(1024, 1024, "L")
-        (tmp / "xray.jpg").write_bytes(image)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        server = start_server(bundle, port, shlex.split(args.serve_args))
+        key = secrets.token_urlsafe(32) if args.api_key else None
+        server = start_server(bundle, port, shlex.split(args.serve_args), key)
         try:
-            run_clients(url, image, 1, 10)  # warm-up
+            run_clients(url, image, 1, 10, key)  # warm-up
             cpu0, client0 = cpu_seconds(server.pid), time.process_time()
-            seq_time, seq_lat = run_clients(url, image, 1, args.requests)
+            seq_time, seq_lat = run_clients(url, image, 1, args.requests, key)
             cpu1, client1 = cpu_seconds(server.pid), time.process_time()
-            con_time, con_lat = run_clients(url, image, args.clients, args.requests)
+            con_time, con_lat = run_clients(url, image, args.clients, args.requests, key)
             cpu2, client2 = cpu_seconds(server.pid), time.process_time()
-            stats = httpx.get(f"{url}/stats").json()["batcher"]
+            stats = httpx.get(f"{url}/stats", headers={"Authorization": f"Bearer {key}"} if key else {}).json()["batcher"]
         finally:
             server.terminate()
             server.wait(30)
-        startup = None if args.skip_predict else predict_wall(bundle, tmp / "xray.jpg")
 
     seq_rps, con_rps = args.requests / seq_time, args.requests / con_time
-    print(f"covid-xray serve {args.serve_args}".rstrip() + f", 1024×1024 JPEG ({len(image) / 1024:.0f} KiB), {args.requests} requests, "
+    print(f"covid-xray serve {args.serve_args}".rstrip() + (" with an API key" if key else "") + f", 1024×1024 JPEG ({len(image) / 1024:.0f} KiB), {args.requests} requests, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
     per_request = lambda a, b: (b - a) / args.requests * 1000  # noqa: E731
     rows = [("1 client, sequential", seq_lat, seq_rps, per_request(cpu0, cpu1), per_request(client0, client1)),
@@ -197,8 +189,6 @@ def main() -> None:
     ceiling = cores / ((rows[1][3] + rows[1][4]) / 1000)
     print(f"ceiling on {cores} cores at that CPU cost per request: {ceiling:.0f} req/s = {ceiling / seq_rps:.2f}× sequential")
     print(f"batches: {stats['batches']}, mean size {stats['mean_batch_size']}, sizes {stats['batch_size_histogram']}")
-    if startup is not None:
-        print(f"`covid-xray predict` one JPEG, fresh process: {startup:.2f} s wall (median of 3)")
 
 
 if __name__ == "__main__":

@@ -29,8 +29,15 @@ def png_bomb(width: int = 50_000, height: int = 50_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-def dicom_bytes(pixels: np.ndarray | None = None, *, rows: int | None = None, columns: int | None = None) -> bytes:
-    """A minimal 16-bit MONOCHROME2 DICOM file; rows/columns override the header (for bombs)."""
+# What a real film's header carries about the patient: none of it may ever leave the server.
+PATIENT = {"PatientName": "Planted^Patientname", "PatientID": "PID-4711-PLANTED", "PatientBirthDate": "19450101",
+           "AccessionNumber": "ACC-PLANTED-99"}
+
+
+def dicom_bytes(pixels: np.ndarray | None = None, *, rows: int | None = None, columns: int | None = None,
+                patient: dict[str, str] | None = None) -> bytes:
+    """A minimal 16-bit MONOCHROME2 DICOM file; rows/columns override the header (for bombs); `patient`:
+    header elements to set (e.g. PATIENT)."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -46,6 +53,8 @@ def dicom_bytes(pixels: np.ndarray | None = None, *, rows: int | None = None, co
     ds.Rows, ds.Columns = rows or pixels.shape[0], columns or pixels.shape[1]
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.PixelData = pixels.astype(np.uint16).tobytes()
+    for keyword, value in (patient or {}).items():
+        setattr(ds, keyword, value)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
@@ -72,10 +81,12 @@ def free_port() -> int:
 class ServeProcess:
     """`covid-xray serve BUNDLE` on a free loopback port, as a user would start it."""
 
-    def __init__(self, bundle: Path, *extra: str):
+    def __init__(self, bundle: Path, *extra: str, env: dict[str, str] | None = None, scheme: str = "http",
+                 verify=True):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.verify = verify  # for HTTPS: an ssl.SSLContext that trusts the server's certificate
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]), **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "covid_xray.cli", "serve", str(bundle), "--port", str(self.port), *extra],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -87,7 +98,7 @@ class ServeProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.proc.stdout.read()}")
             try:
-                r = httpx.get(f"{self.url}/ping", timeout=2)
+                r = httpx.get(f"{self.url}/ping", timeout=2, verify=self.verify)
                 if r.status_code == 200:
                     return r.json()
             except httpx.TransportError:

@@ -434,6 +434,8 @@ def test_cli_train_deploy_predict_cleanup(channels, tmp_path):
 def test_python_api_train_deploy_predict_delete(channels, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONPATH", str(SRC))
+    # Keys for `covid-xray serve` in the user's environment: the emulated endpoint, like SageMaker's, needs none.
+    monkeypatch.setenv("COVID_XRAY_API_KEYS", "a-key-for-serve-only-" + "z" * 20)
     lines: list[str] = []
     job = launcher.train(
         {"train": channels["train"], "test": channels["test"]}, instance_type="local-process",

@@ -121,6 +121,8 @@ def test_worker_processes_accept_connections_with_nagle_off():
 
 
 # --- the page in a real browser --------------------------------------------------------------
+# Waits are selectors, not JavaScript predicates: the page's Content-Security-Policy forbids the eval
+# that Playwright's wait_for_function needs, as it should.
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +142,7 @@ def page(browser, server):
     context = browser.new_context(viewport={"width": 1366, "height": 768})  # a common laptop screen
     page = context.new_page()
     page.goto(f"{server.url}/")
-    page.wait_for_function("document.getElementById('model').textContent.includes('·')")
+    page.wait_for_selector("#model:has-text('·')")
     yield page
     context.close()
 
@@ -151,7 +153,7 @@ def test_page_upload_shows_the_predicted_label(page, predictor, tmp_path):
     expected = predictor.predict([path])[0]
 
     page.set_input_files("#file-input", str(path))
-    page.wait_for_function("!document.getElementById('result-label').classList.contains('placeholder')")
+    page.wait_for_selector("#result-label:not(.placeholder)")
     assert page.text_content("#result-label") == expected["label"]
     bars = page.locator("#bars li")
     assert bars.count() == len(predictor.classes)
@@ -185,7 +187,7 @@ def test_page_overlays_the_heatmap_with_a_toggle_and_warns_about_a_non_xray(page
     noise = tmp_path / "noise.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 300), dtype=np.uint8)).save(noise)
     page.set_input_files("#file-input", str(noise))
-    page.wait_for_function("document.getElementById('flags').textContent.includes('not look like a chest X-ray')")
+    page.wait_for_selector("#flags:has-text('not look like a chest X-ray')")
     assert "refer the image to a radiologist" in page.text_content("#flags")
 
 
@@ -198,7 +200,7 @@ def test_page_drop_and_error_message(page, predictor):
         document.getElementById('drop').dispatchEvent(new DragEvent('drop', { dataTransfer: data, bubbles: true }));
     }"""
     page.evaluate(drop, [base64.b64encode(image).decode(), "dropped.jpg", "image/jpeg"])
-    page.wait_for_function("!document.getElementById('result-label').classList.contains('placeholder')")
+    page.wait_for_selector("#result-label:not(.placeholder)")
     assert page.text_content("#result-label") == predictor.predict([image])[0]["label"]
 
     page.evaluate(drop, [base64.b64encode(b"definitely not an x-ray").decode(), "notes.png", "image/png"])
@@ -223,7 +225,7 @@ def test_page_shows_a_banner_when_recent_films_look_shifted(browser, untrained_b
         context = browser.new_context()
         page = context.new_page()
         page.goto(f"{process.url}/")
-        page.wait_for_function("document.getElementById('model').textContent.includes('·')")
+        page.wait_for_selector("#model:has-text('·')")
         assert page.is_hidden("#site-banner")
         for i in range(40):
             httpx.post(f"{process.url}/invocations", content=shifted(8000 + i), headers={"content-type": "image/png"},
@@ -284,3 +286,40 @@ def test_server_on_a_tampered_bundle_reports_503_with_the_reason(untrained_bundl
         assert ping.status_code == 503 and "checksum" in ping.json()["error"]
     finally:
         process.stop()
+
+
+def test_page_asks_for_the_api_key_and_keeps_it_for_the_tab_only(browser, untrained_bundle, predictor, tmp_path):
+    key = "ward-seven-key-" + "c" * 24
+    process = ServeProcess(untrained_bundle, env={"COVID_XRAY_API_KEYS": key})
+    try:
+        process.wait_ready()
+        context = browser.new_context()
+        page = context.new_page()
+        blocked = []  # what the Content-Security-Policy refused: nothing of the page's own may be
+        page.on("console", lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None)
+        page.goto(f"{process.url}/")
+        page.wait_for_selector("#key-form", state="visible")  # /stats answered 401
+        film = tmp_path / "chest.png"
+        film.write_bytes(encode(xray_like(400, seed=45), "PNG"))
+        page.set_input_files("#file-input", str(film))
+        page.wait_for_selector("#error:has-text('API key is needed')")
+
+        page.fill("#api-key", "not-the-key-" + "d" * 24)
+        page.click("#key-form button")
+        page.wait_for_selector("#key-message:has-text('did not accept')")
+        page.fill("#api-key", key)
+        page.click("#key-form button")  # the film waiting for a key is sent again
+        page.wait_for_selector("#result-label:not(.placeholder)")
+        assert page.text_content("#result-label") == predictor.predict([film])[0]["label"]
+        assert page.is_hidden("#key-form") and page.is_hidden("#error")
+        assert page.evaluate("sessionStorage.getItem('covid-xray-api-key')") == key
+        assert page.evaluate("localStorage.length") == 0
+
+        another_tab = context.new_page()
+        another_tab.goto(f"{process.url}/")
+        another_tab.wait_for_selector("#key-form", state="visible")
+        assert not blocked, blocked
+        context.close()
+    finally:
+        log = process.stop()
+    assert key not in log and "wrong API key" in log

@@ -58,6 +58,9 @@ def load_image(source: str | os.PathLike | bytes, size: int | None = None) -> np
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image (no known image format or DICOM header)") from None
     except Exception as e:  # truncated/corrupt data surfaces as many different exception types
+        if is_dicom(data):  # a DICOM reader's message can quote header bytes: patient data, never repeated
+            raise ImageError(f"{name}: corrupt DICOM file ({type(e).__name__} while decoding its pixel data "
+                             "or image header)") from None
         raise ImageError(f"{name}: corrupt image ({type(e).__name__}: {e})") from None
 
 
@@ -72,11 +75,21 @@ def _decode_pillow(data: bytes, size: int | None) -> Image.Image:
     return img if img.mode == "L" else img.convert("L")
 
 
+# The only DICOM elements read: the pixels and what it takes to turn them into a grey image. A header's
+# patient name, ID, birth date, accession number… are never parsed, so no message or log can carry them.
+DICOM_PIXEL_TAGS = [
+    "PixelData", "FloatPixelData", "DoubleFloatPixelData", "Rows", "Columns", "NumberOfFrames", "SamplesPerPixel",
+    "PhotometricInterpretation", "PlanarConfiguration", "BitsAllocated", "BitsStored", "HighBit",
+    "PixelRepresentation", "ExtendedOffsetTable", "ExtendedOffsetTableLengths", "RescaleSlope", "RescaleIntercept",
+    "RescaleType", "ModalityLUTSequence", "VOILUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction",
+]
+
+
 def _decode_dicom(data: bytes) -> Image.Image:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    ds = pydicom.dcmread(io.BytesIO(data))
+    ds = pydicom.dcmread(io.BytesIO(data), specific_tags=DICOM_PIXEL_TAGS)
     if "PixelData" not in ds:
         raise ImageError("DICOM file has no pixel data")
     # pydicom allocates rows×columns×frames before decoding: check the header first (DICOM bomb).

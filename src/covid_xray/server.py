@@ -33,6 +33,7 @@ from starlette.requests import ClientDisconnect
 from threadpoolctl import threadpool_limits
 
 from . import protocol
+from .access import AccessControl, AccessSettings
 from .batcher import Batcher
 from .errors import ModelError
 from .protocol import RequestError
@@ -156,8 +157,8 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return _json(protocol.error_document(message), status, headers)
 
 
-def _page() -> str:
-    return files("covid_xray").joinpath("static/index.html").read_text(encoding="utf-8")
+def _static(name: str) -> str:
+    return files("covid_xray").joinpath("static", name).read_text(encoding="utf-8")
 
 
 def _wants_heatmap(request: Request) -> bool:
@@ -192,10 +193,11 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def create_app(bundle_path: str | os.PathLike, settings: ServerSettings | None = None, *,
-               load_in_background: bool = True) -> FastAPI:
+               access: AccessSettings | None = None, load_in_background: bool = True) -> FastAPI:
     """The endpoint for one bundle. By default the model loads in the background when the app
     starts, so `/ping` answers 503 ("loading") at once and 200 when predictions are possible.
-    With `load_in_background=False` the app accepts no connection before the model is ready."""
+    With `load_in_background=False` the app accepts no connection before the model is ready.
+    `access`: API keys and rate limit (default: neither); the security headers are always sent."""
     settings = settings or ServerSettings()
     bundle = Path(bundle_path)
     state = ModelState()
@@ -218,9 +220,10 @@ def create_app(bundle_path: str | os.PathLike, settings: ServerSettings | None =
             explain_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="covid-xray", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(AccessControl, settings=access or AccessSettings())
     app.state.model = state
     app.state.settings = settings
-    page = _page()
+    page, script, style = (_static(name) for name in ("index.html", "page.js", "page.css"))
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError) -> Response:
@@ -238,6 +241,14 @@ def create_app(bundle_path: str | os.PathLike, settings: ServerSettings | None =
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
+
+    @app.get("/page.js")
+    async def page_script() -> Response:
+        return Response(script, media_type="text/javascript")
+
+    @app.get("/page.css")
+    async def page_style() -> Response:
+        return Response(style, media_type="text/css")
 
     @app.get("/ping")
     async def ping() -> Response:
@@ -297,7 +308,8 @@ def app_from_env() -> FastAPI:
     Workers share one listening socket, so a worker still loading its model must not take
     connections (it would answer 503 while its siblings are ready): each loads before serving."""
     spec = json.loads(os.environ[SETTINGS_ENV])
-    return create_app(spec["bundle"], ServerSettings(**spec["settings"]), load_in_background=False)
+    access = AccessSettings(tuple(spec["access"]["key_digests"]), spec["access"]["rate_per_minute"])
+    return create_app(spec["bundle"], ServerSettings(**spec["settings"]), access=access, load_in_background=False)
 
 
 def bind_listener(config) -> socket.socket:
@@ -313,20 +325,24 @@ def bind_listener(config) -> socket.socket:
 
 
 def serve(bundle: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8080, workers: int = 1,
-          settings: ServerSettings | None = None, log_level: str = "info") -> None:
-    """Run the endpoint under uvicorn until interrupted."""
+          settings: ServerSettings | None = None, access: AccessSettings | None = None, log_level: str = "info",
+          ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
+    """Run the endpoint under uvicorn until interrupted; HTTPS with a certificate and its key."""
     import uvicorn
 
     settings = settings or ServerSettings().for_processes(workers)
+    access = access or AccessSettings()
+    tls = {"ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile}
     if workers > 1:
         from uvicorn.supervisors import Multiprocess
 
-        os.environ[SETTINGS_ENV] = json.dumps({"bundle": str(Path(bundle).resolve()), "settings": asdict(settings)})
+        os.environ[SETTINGS_ENV] = json.dumps({"bundle": str(Path(bundle).resolve()), "settings": asdict(settings),
+                                               "access": asdict(access)})
         config = uvicorn.Config("covid_xray.server:app_from_env", factory=True, host=host, port=port,
-                                workers=workers, log_level=log_level)
+                                workers=workers, log_level=log_level, **tls)
         try:
             Multiprocess(config, sockets=[bind_listener(config)]).run()
         except KeyboardInterrupt:
             pass
     else:
-        uvicorn.run(create_app(bundle, settings), host=host, port=port, log_level=log_level)
+        uvicorn.run(create_app(bundle, settings, access=access), host=host, port=port, log_level=log_level, **tls)

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..access import KEYS_ENV
 from ..errors import CovidXrayError
 from . import entry
 from .jobs import LOCAL_MODES, LOCAL_PROCESS, _extract
@@ -38,6 +39,13 @@ class Endpoint(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
+def _serve_env() -> dict[str, str]:
+    """The emulated endpoint's environment: a SageMaker endpoint sits behind IAM and answers its
+    clients without API keys, so keys meant for `covid-xray serve` are not passed on."""
+    env = {k: v for k, v in os.environ.items() if k != KEYS_ENV}
+    return {**env, "PYTHONPATH": entry.child_pythonpath()}
+
+
 class LocalProcessEndpoint:
     """`covid-xray serve` on a loopback port, serving model.tar.gz unpacked as SageMaker would."""
 
@@ -55,7 +63,7 @@ class LocalProcessEndpoint:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "covid_xray.cli", "serve", str(model_dir),
                  "--host", "127.0.0.1", "--port", str(port)],
-                stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": entry.child_pythonpath()},
+                stdout=log_file, stderr=subprocess.STDOUT, env=_serve_env(),
                 start_new_session=True,  # outlives the `deploy` command; `cleanup` stops it
             )
         endpoint = cls(f"http://127.0.0.1:{port}", proc.pid, str(model_dir), proc)
