@@ -184,8 +184,27 @@ def _serve(args: argparse.Namespace) -> int:
         ).for_processes(args.workers, args.inference_threads)
     except ValueError as e:
         raise CovidXrayError(str(e)) from None
-    serve(args.bundle, host=args.host, port=args.port, workers=args.workers, settings=settings, log_level=args.log_level)
+    serve(args.bundle, host=args.host, port=args.port, workers=args.workers, settings=settings, access=_access(args),
+          log_level=args.log_level, **_tls(args))
     return 0
+
+
+def _access(args: argparse.Namespace):
+    from .access import KEYS_ENV, AccessSettings, read_keys
+
+    keys = read_keys(args.api_key_file, os.environ.get(KEYS_ENV))
+    return AccessSettings.for_host(args.host, keys, args.rate_limit, allow_unauthenticated=args.allow_unauthenticated)
+
+
+def _tls(args: argparse.Namespace) -> dict[str, str | None]:
+    """uvicorn's TLS options; both files or neither, each readable (checked here, not in uvicorn's traceback)."""
+    files = {"ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile}
+    if any(files.values()) and not all(files.values()):
+        raise CovidXrayError("HTTPS needs both --ssl-certfile (the certificate) and --ssl-keyfile (its private key)")
+    for option, path in files.items():
+        if path and not os.access(path, os.R_OK):
+            raise CovidXrayError(f"cannot read --{option.replace('_', '-')} {path}")
+    return files
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -283,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write predictions to this CSV file, row by row")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --out and predict only the other files")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, help="decoding processes (default: 0 for a few files, else up to 4)")
+    p.add_argument("--workers", type=int, help="decoding threads (default: one per usable core; 0: decode in the main thread)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--backend", help=BACKEND_HELP)
     p.set_defaults(func=_predict)
@@ -328,6 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inference-threads", type=int, help="threads running the shared model (default: min(2, CPUs per worker))")
     p.add_argument("--backend", help=BACKEND_HELP)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--api-key-file", metavar="FILE",
+                   help="require 'Authorization: Bearer KEY' with one of the keys in FILE (one a line) on every route "
+                        "but /ping and the page's files; keys can also come from $COVID_XRAY_API_KEYS")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="serve beyond loopback without API keys (refused otherwise)")
+    p.add_argument("--rate-limit", type=float, metavar="N",
+                   help="requests a minute per client address, 429 beyond (default: off on loopback, else 120; 0: off)")
+    p.add_argument("--ssl-certfile", metavar="PEM", help="serve HTTPS with this certificate (chain)")
+    p.add_argument("--ssl-keyfile", metavar="PEM", help="the certificate's private key")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("explain", help="Grad-CAM: write the X-ray with a heatmap of where the model looked")
