@@ -87,6 +87,15 @@ def test_train_writes_bundle_metrics_report_and_plots(tiny_run):
 
 
 @pytest.mark.integration
+def test_train_times_fit_and_post_fit_apart_and_evaluates_on_the_exported_graph(tiny_run):
+    timing = json.loads((tiny_run / "metrics.json").read_text())["timing"]
+    assert set(timing) == {"setup_seconds", "fit_seconds", "post_fit_seconds", "post_fit_backend"}
+    assert timing["post_fit_backend"] == "onnx" and timing["fit_seconds"] > 0 and timing["post_fit_seconds"] > 0
+    report = (tiny_run / "report.md").read_text()
+    assert f"fit {timing['fit_seconds']} s, after the fit" in report and "on ONNX Runtime" in report
+
+
+@pytest.mark.integration
 def test_training_fits_calibration_ood_guard_and_referral_and_writes_a_model_card(tiny_run):
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     config = json.loads((tiny_run / "model/config.json").read_text())
@@ -169,4 +178,5 @@ def test_killed_run_resumes_to_the_same_result(tiny_data, tmp_path):
     assert "resuming after epoch" in result.stdout
     straight = json.loads((tmp_path / "straight/metrics.json").read_text())
     resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed.pop("timing")["post_fit_seconds"] > 0 and straight.pop("timing")  # wall times differ, run to run
     assert resumed == straight

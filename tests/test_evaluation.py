@@ -59,17 +59,25 @@ def test_auc_agrees_with_scikit_learn():
     assert m["macro_auc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"), abs=1e-4)
 
 
-def test_auc_equals_scikit_learn_with_and_without_ties():
+def test_auc_of_every_resample_equals_scikit_learn_with_and_without_ties():
     from sklearn.metrics import roc_auc_score
 
-    from covid_xray.metrics import _auc
+    from covid_xray.metrics import _aucs
 
     rng = np.random.default_rng(2)
     for n in (2, 5, 40, 200):
         y = rng.integers(0, 2, n).astype(bool)
         y[:2] = [True, False]
         for scores in (rng.random(n), rng.integers(0, 4, n) / 4):  # continuous, then heavily tied
-            assert _auc(y, scores) == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
+            resamples = rng.integers(0, n, (30, n))
+            counts = np.vstack([np.ones(n, int), *(np.bincount(r, minlength=n) for r in resamples)])
+            aucs = _aucs(y, scores, counts)
+            assert aucs[0] == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
+            for auc, r in zip(aucs[1:], resamples):
+                if y[r].all() or not y[r].any():
+                    assert np.isnan(auc)  # undefined: one class only
+                else:
+                    assert auc == pytest.approx(roc_auc_score(y[r], scores[r]), abs=1e-12)
 
 
 def test_size_swap_probe_catches_a_model_that_reads_the_native_size(tmp_path):

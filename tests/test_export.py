@@ -114,6 +114,21 @@ def test_onnx_predictor_loads_torch_only_when_its_model_is_asked_for(exported):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.parametrize("command", ["predict", "evaluate", "check-site"])
+def test_commands_on_an_onnx_bundle_never_import_torch(exported, command):
+    # `import torch` alone costs ~1.5-2 s of a fresh process's wall time; an ONNX bundle does not need it.
+    data = exported.parent / "data"
+    args = {"predict": [exported, data / "Covid" / "Covid_0.png", data / "Normal"],
+            "evaluate": [exported, "--external", "--data", data, "--bootstrap", "20"],
+            "check-site": [exported, data]}[command]
+    script = ("import sys; from covid_xray.cli import main; rc = main(sys.argv[1:]); "
+              "print('heavy:', sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules)); sys.exit(rc)")
+    result = subprocess.run([sys.executable, "-c", script, command, *map(str, args)], capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == "heavy: []"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

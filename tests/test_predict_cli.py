@@ -37,10 +37,11 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def test_streams_in_order_with_workers_and_error_rows(untrained_bundle, folder):
+@pytest.mark.parametrize("workers", [0, 2])  # in the calling thread; two decoding threads reading ahead
+def test_streams_in_order_with_error_rows(untrained_bundle, folder, workers):
     predictor = Predictor.from_bundle(untrained_bundle)
     paths = expand_paths([folder])
-    rows = list(iter_predictions(predictor, paths, batch_size=2, workers=2))  # real worker processes
+    rows = list(iter_predictions(predictor, paths, batch_size=2, workers=workers))
     assert [r["path"] for r in rows] == [str(p) for p in paths]
     assert len(rows) == 7 and not any(r["path"].endswith(".txt") for r in rows)
     broken = next(r for r in rows if r["path"].endswith("broken.png"))
@@ -48,6 +49,8 @@ def test_streams_in_order_with_workers_and_error_rows(untrained_bundle, folder):
     good = [r for r in rows if "error" not in r]
     expected = predictor.predict([r["path"] for r in good])
     assert [r["label"] for r in good] == [e["label"] for e in expected]
+    for r, e in zip(good, expected):
+        assert r["probabilities"] == pytest.approx(e["probabilities"], abs=1e-5)
 
 
 def test_csv_then_resume_predicts_only_the_rest(untrained_bundle, folder, tmp_path, capsys):

@@ -1,8 +1,8 @@
 """Bulk prediction over files: folders of thousands of images → one prediction row each (`covid-xray
-predict`). Owns expanding paths to image files, the DataLoader that decodes them, `iter_predictions`
+predict`). Owns expanding paths to image files, the threads that decode them, `iter_predictions`
 and `PredictionCSV`. Not to be confused with the server's micro-batcher (`batcher.py`).
 
-Files are decoded in DataLoader worker processes while the model predicts the previous batch;
+Files are decoded in threads while the model predicts the previous batch;
 results stream out in input order, so a CSV can be written (and flushed) as they come and a run
 that stopped can `--resume` where it left off. An unreadable file becomes an error row.
 """
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import csv
 import os
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self
 
@@ -39,51 +41,49 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return files
 
 
-class _Images:
-    """Map-style dataset: index → (index, uint8 image or None, error or None). Never raises on a bad
-    file, so one corrupt image cannot stop a run of thousands."""
+def _decode(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
+    """(uint8 image, None), or (None, why) for an unreadable file: one corrupt image cannot stop a run of thousands."""
+    try:
+        return load_image(path, size), None
+    except ImageError as e:
+        return None, str(e).removeprefix(f"{path}: ")
 
-    def __init__(self, paths: list[Path], size: int):
-        self.paths, self.size = paths, size
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str | None]:
-        try:
-            return i, load_image(self.paths[i], self.size), None
-        except ImageError as e:
-            return i, None, str(e).removeprefix(f"{self.paths[i]}: ")
+def _decoded(paths: list[Path], size: int, workers: int, ahead: int) -> Iterator[tuple[np.ndarray | None, str | None]]:
+    """Every path decoded, in order, by `workers` threads (Pillow decodes without the GIL) that read at
+    most `ahead` files beyond the one being consumed; 0 workers decode in the calling thread."""
+    if not workers:
+        yield from (_decode(p, size) for p in paths)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque[Future] = deque()
+        for path in paths:
+            pending.append(pool.submit(_decode, path, size))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 # Per-prediction flags, as CSV columns after the probabilities (refer_reasons joined by "; ").
 FLAGS = ("ood", "ood_score", "atypical", "class_distance", "refer", "refer_reasons")
 
 
-def _keep_as_list(items):  # module level: DataLoader workers pickle the collate function
-    return items
-
-
-def default_workers(n_files: int, batch_size: int) -> int:
-    # Worker processes cost ~a second to start: not worth it for a batch or two.
-    return 0 if n_files <= 2 * batch_size else min(4, cpu_count())
-
-
 def iter_predictions(predictor: Predictor, paths: list[Path], *, batch_size: int = 32,
                      workers: int | None = None) -> Iterator[dict[str, Any]]:
     """Yield one row per path, in order: `path`, then the prediction (`label`, `probabilities`, `ood`,
-    `ood_score`, `atypical`, `class_distance`, `refer`, `refer_reasons`), or `error`."""
-    from torch.utils.data import DataLoader
+    `ood_score`, `atypical`, `class_distance`, `refer`, `refer_reasons`), or `error`.
 
-    workers = default_workers(len(paths), batch_size) if workers is None else workers
-    loader = DataLoader(_Images(paths, predictor.size), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_keep_as_list, prefetch_factor=2 if workers else None)
-    for batch in loader:
-        good = [(i, image) for i, image, _ in batch if image is not None]
-        scores = predictor.score(np.stack([image for _, image in good])) if good else []
-        by_index = {i: predictor.result(s) for (i, _), s in zip(good, scores)}
-        for i, _, error in batch:
-            yield {"path": str(paths[i]), **by_index[i]} if error is None else {"path": str(paths[i]), "error": error}
+    Threads, not processes: nothing to start for one film, and no torch DataLoader to import. While
+    the model scores one batch (ONNX Runtime and PyTorch release the GIL), the threads decode the next two."""
+    workers = cpu_count() if workers is None else workers
+    decoded = _decoded(paths, predictor.size, workers, ahead=2 * batch_size)
+    for start in range(0, len(paths), batch_size):
+        batch = [(path, *next(decoded)) for path in paths[start : start + batch_size]]
+        good = [image for _, image, _ in batch if image is not None]
+        scores = iter(predictor.score(np.stack(good)) if good else [])
+        for path, image, error in batch:
+            yield {"path": str(path), "error": error} if image is None else {"path": str(path), **predictor.result(next(scores))}
 
 
 class PredictionCSV:

@@ -46,22 +46,24 @@ def lung_field_mask(size: int) -> np.ndarray:
     return ((xx - 0.5) / 0.42) ** 2 + ((yy - 0.5) / 0.42) ** 2 <= 1.0
 
 
-def masked_probe(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, labels: list[int]) -> dict[str, float]:
+def masked_probe(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, labels: list[int],
+                 full: np.ndarray | None = None) -> dict[str, float]:
     """Accuracy on the images as they are, with the central lung field hidden, and with only it shown.
 
-    `predict` maps uint8 N×S×S images to N×C probabilities (e.g. `Predictor.probabilities`). Hidden
-    parts are filled with one grey, the mean over all the images: a per-image fill would carry each
-    image's brightness, and so possibly its class, into the hidden part.
+    `predict` maps uint8 N×S×S images to N×C probabilities (e.g. `Predictor.probabilities`); `full`, the
+    probabilities of the images as they are, when already known. Hidden parts are filled with one grey,
+    the mean over all the images: a per-image fill would carry each image's brightness, and so possibly
+    its class, into the hidden part.
     """
     y = np.asarray(labels)
     inside = lung_field_mask(images.shape[-1])
     fill = np.uint8(round(float(images.mean())))
-    variants = {
-        "full": images,
-        "centre_hidden": np.where(inside, fill, images),
-        "centre_only": np.where(inside, images, fill),
+    probs = {
+        "full": predict(images) if full is None else full,
+        "centre_hidden": predict(np.where(inside, fill, images)),
+        "centre_only": predict(np.where(inside, images, fill)),
     }
-    result = {name: float((predict(x).argmax(axis=1) == y).mean()) for name, x in variants.items()}
+    result = {name: float((p.argmax(axis=1) == y).mean()) for name, p in probs.items()}
     result["majority_rate"] = float(np.bincount(y).max() / len(y))
     result["n"] = len(y)
     return result

@@ -8,7 +8,9 @@ per-channel weights, uint8 activations) calibrated on training images only, neve
 
 from __future__ import annotations
 
+import copy
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +42,7 @@ def export_bundle(bundle: str | Path, *, int8: bool = False, data: str | Path | 
     train = _training_images(config, data, calibration_images + HELD_OUT_IMAGES) if int8 else None
     with tempfile.TemporaryDirectory(dir=bundle, prefix=".export-") as tmp:
         files = {ONNX: Path(tmp) / ONNX}
-        export_onnx(model, size, files[ONNX])
-        log(f"{ONNX}: max |probability difference| vs PyTorch {_check_parity(model, files[ONNX], size):.1e}")
-        info: dict[str, Any] = {"input": f"{INPUT}: uint8 N×1×{size}×{size}",
-                                "outputs": "logits: float32 N×C; features: float32 N×D (penultimate, for the OOD guard)"}
+        info = export_checked(model, size, files[ONNX], log)
         if train is not None:
             files[ONNX_INT8] = Path(tmp) / ONNX_INT8
             info["int8"] = _export_int8(files[ONNX], train, calibration_images, files[ONNX_INT8], log)
@@ -67,24 +66,62 @@ def _export_int8(fp32: Path, train: np.ndarray, calibration_images: int, out: Pa
     }
 
 
+def export_checked(model, size: int, out: Path, log=print) -> dict[str, Any]:
+    """`model` as the fp32 graph `out`, checked against PyTorch; returns what config.json records about it."""
+    export_onnx(model, size, out)
+    log(f"{ONNX}: max |probability difference| vs PyTorch {_check_parity(model, out, size):.1e}")
+    return graph_record(size)
+
+
+def graph_record(size: int) -> dict[str, Any]:
+    """config.json's `onnx` entry for an fp32 graph of input size `size`."""
+    return {"input": f"{INPUT}: uint8 N×1×{size}×{size}",
+            "outputs": "logits: float32 N×C; features: float32 N×D (penultimate, for the OOD guard)"}
+
+
 def export_onnx(model, size: int, out: Path) -> None:
-    """An XrayNet as one self-contained fp32 ONNX file: uint8 N×1×size×size in; logits and features out."""
+    """An XrayNet as one self-contained fp32 ONNX file: uint8 N×1×size×size in; logits and features out.
+
+    TorchScript tracing with the padding made static, then onnxscript's optimiser (constant folding,
+    batch-norm fused into the convolutions): 2 s, where the torch.export-based exporter took 11-20 s on
+    two cores for a graph of the same nodes and speed (`benchmarks/user_wait.py` times the whole train)."""
+    import onnx
+    import onnxscript.optimizer
     import torch
 
     class WithFeatures(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.model = model
+            self.model = _static_same_padding(model, size)
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return self.model.forward_with_features(x)
 
     example = torch.zeros(2, 1, size, size, dtype=torch.uint8)
+    batch = {name: {0: "batch"} for name in (INPUT, *OUTPUTS)}
     # The batch is dynamic; height and width stay fixed so ONNX Runtime can plan every layer ahead.
-    torch.onnx.export(
-        WithFeatures().eval(), (example,), out, input_names=[INPUT], output_names=list(OUTPUTS), dynamo=True,
-        external_data=False, dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, verbose=False,
-    )
+    with warnings.catch_warnings():  # the exporter's deprecation and constant-folding notes are noise to a user
+        warnings.simplefilter("ignore")
+        torch.onnx.export(WithFeatures().eval(), (example,), str(out), input_names=[INPUT], output_names=list(OUTPUTS),
+                          dynamic_axes=batch, dynamo=False)
+    onnx.save(onnxscript.optimizer.optimize(onnx.load(str(out))), str(out))
+
+
+def _static_same_padding(model, size: int):
+    """A copy of `model` whose TensorFlow-style 'same' convolutions pad by constants. timm's Conv2dSame
+    computes its padding from the input's shape at every call, which a trace records as shape arithmetic
+    (3× the nodes); for one input size, timm's export variant fixes the padding at its first call."""
+    import torch
+    from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
+
+    model = copy.deepcopy(model).eval()
+    for module in model.modules():
+        if type(module) is Conv2dSame:  # same weights and settings; only how the padding is found differs
+            module.__class__ = Conv2dSameExport
+            module.pad, module.pad_input_size = None, (0, 0)
+    with torch.no_grad():
+        model(torch.zeros(1, 1, size, size, dtype=torch.uint8))
+    return model
 
 
 def _probabilities(graph: Path, images: np.ndarray) -> np.ndarray:

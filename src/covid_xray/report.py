@@ -240,6 +240,12 @@ def _sources_section(config: BundleConfig, metrics: dict[str, Any]) -> list[str]
     ]
 
 
+def _timing(timing: dict[str, Any]) -> str:
+    backend = "ONNX Runtime" if timing["post_fit_backend"] == "onnx" else "PyTorch"
+    return (f"data and audit {timing['setup_seconds']} s, fit {timing['fit_seconds']} s, after the fit (evaluation, "
+            f"calibration, guard, probes, export) {timing['post_fit_seconds']} s on {backend}")
+
+
 def write_report(
     run_dir: Path, config: BundleConfig, metrics: dict[str, Any], fitted: FitResult, plots: list[str],
     audit_report: AuditReport,
@@ -295,7 +301,7 @@ def write_report(
         f"- head warm-up on frozen features, then fine-tuning{_frozen_note(config.training['frozen_parameters'], hp)}: AdamW (lr {hp.lr}, backbone ×{hp.backbone_lr_scale}), "
         f"warm-up + cosine, label smoothing {hp.label_smoothing}, class-weighted loss, seed {hp.seed}",
         f"- selected epoch {fitted.best_epoch} of {len(fitted.history)} (lowest validation loss); "
-        f"{config.training['seconds']} s in total",
+        f"{config.training['seconds']} s in total: {_timing(metrics['timing'])}",
         "",
         "![learning curves](learning_curves.png)",
         "",

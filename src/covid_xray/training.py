@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from torch import nn
 
 from . import audit, model_card, ood, plots
 from . import data as data_mod
-from .bundle import BundleConfig, save_bundle
+from .bundle import ONNX, BundleConfig, add_files, save_bundle
 from .calibration import softmax
 from .config import MIN_IMAGE_SIZE, TrainConfig
 from .duplicates import leaked_test_paths
@@ -30,7 +32,8 @@ from .errors import CovidXrayError
 from .evaluation import evaluate_outputs, external_samples, masked_probe, size_swap_probe, split_test
 from .images import Decoded, decode_samples
 from .metrics import summary_lines
-from .models import XrayNet, create_model, input_size, predict_outputs, predict_probs
+from .inference import OnnxModel
+from .models import XrayNet, create_model, input_size, predict_outputs
 from .report import write_report
 from .runtime import Distributed, autocast, pick_device, seed_everything, slow_bf16_convs_in_fp32
 from .confounds import source_mix_explanation
@@ -243,23 +246,34 @@ def train_run(
     for reason in _skipped(decoded):
         log(f"skipped unreadable image: {reason}")
     model = create_model(cfg.backbone, len(dataset.classes), cfg.weights)
+    fit_started = time.time()
     fitted = fit(model, decoded["train"], decoded["val"], cfg, run_dir, resume=resume, dist=dist, log=log)
     dist.close()
     if not dist.main:
         return None
     model.cpu()
+    fit_ended = time.time()
 
-    reported = {"val": decoded["val"], **split_test(decoded["test"], dataset.holdout)}
-    if external:  # another site's labelled films: every figure of the test split, next to it
-        reported["external"] = decode_samples(external, size, skip_bad=cfg.skip_bad_images)
-    outputs = _outputs(model, {"train": decoded["train"], **reported})
-    trust = fit_trust(outputs, dataset.classes, cfg.refer_sensitivity, _outlier_outputs(model, size))
-    metrics, figures = _evaluate(model, reported, outputs, trust, dataset, audit_report, cfg, run_dir)
-    plots.plot_learning_curves(fitted.history, fitted.best_epoch, run_dir / "learning_curves.png")
-    figures.append("learning_curves.png")
-    config = _bundle_config(model, cfg, size, dataset, decoded, audit_report, fitted, metrics, trust,
-                            seconds=time.time() - started, processes=dist.world)
-    _write_bundle(run_dir / "model", model, config, trust, metrics, audit_report, cfg, log)
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".export-") as tmp:
+        graph = _export(model, size, cfg, Path(tmp) / ONNX, log)
+        # Every pass after the fit runs on the exported graph when there is one: 3-4× faster than eager
+        # PyTorch on a CPU, and within ~1e-6 of it (checked by the export).
+        forward = OnnxModel(graph) if graph else partial(predict_outputs, model)
+        reported = {"val": decoded["val"], **split_test(decoded["test"], dataset.holdout)}
+        if external:  # another site's labelled films: every figure of the test split, next to it
+            reported["external"] = decode_samples(external, size, skip_bad=cfg.skip_bad_images)
+        outputs = _outputs(forward, {"train": decoded["train"], **reported})
+        trust = fit_trust(outputs, dataset.classes, cfg.refer_sensitivity, _outlier_outputs(forward, size))
+        metrics, figures = _evaluate(forward, reported, outputs, trust, dataset, audit_report, cfg, run_dir)
+        plots.plot_learning_curves(fitted.history, fitted.best_epoch, run_dir / "learning_curves.png")
+        figures.append("learning_curves.png")
+        config = _bundle_config(model, cfg, size, dataset, decoded, audit_report, fitted, metrics, trust,
+                                seconds=time.time() - started, processes=dist.world)
+        _write_bundle(run_dir / "model", model, config, trust, metrics, audit_report, graph)
+    metrics["timing"] = {"setup_seconds": round(fit_started - started, 1),
+                         "fit_seconds": round(fit_ended - fit_started, 1),
+                         "post_fit_seconds": round(time.time() - fit_ended, 1),
+                         "post_fit_backend": "onnx" if graph else "torch"}
     atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     report = write_report(run_dir, config, metrics, fitted, figures, audit_report)
     (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the run is complete; the bundle holds the result
@@ -301,21 +315,35 @@ def _skipped(decoded: dict[str, Decoded]) -> list[str]:
     return [reason for d in decoded.values() for reason in d.bad]
 
 
-def _outputs(model: XrayNet, splits: dict[str, Decoded]) -> dict[str, SplitOutputs]:
+# uint8 images N×S×S → logits N×C and penultimate features N×D: the exported graph or eager PyTorch.
+Forward = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def _export(model: XrayNet, size: int, cfg: TrainConfig, out: Path, log) -> Path | None:
+    """model.onnx for the bundle, checked against PyTorch, unless --no-onnx or the onnx extra is missing."""
+    if not (cfg.onnx and onnx_available()):
+        return None
+    from .export import export_checked
+
+    export_checked(model, size, out, log)
+    return out
+
+
+def _outputs(forward: Forward, splits: dict[str, Decoded]) -> dict[str, SplitOutputs]:
     """Each split forwarded once: logits and features for the trust fitting and every metric."""
     outputs = {}
     for name, d in splits.items():
-        logits, features = predict_outputs(model, d.images)
+        logits, features = forward(d.images)
         outputs[name] = SplitOutputs(d.images, logits, features, [s.label for s in d.samples])
     return outputs
 
 
-def _outlier_outputs(model: XrayNet, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _outlier_outputs(forward: Forward, size: int) -> tuple[np.ndarray, np.ndarray]:
     outliers = np.concatenate(list(ood.synthetic_outliers(size).values()))
-    return outliers, predict_outputs(model, outliers)[1]
+    return outliers, forward(outliers)[1]
 
 
-def _evaluate(model: XrayNet, reported: dict[str, Decoded], outputs: dict[str, SplitOutputs], trust: Trust,
+def _evaluate(forward: Forward, reported: dict[str, Decoded], outputs: dict[str, SplitOutputs], trust: Trust,
               dataset: data_mod.Dataset, audit_report: audit.AuditReport, cfg: TrainConfig,
               run_dir: Path) -> tuple[dict[str, Any], list[str]]:
     """metrics.json's figures on the reported splits (calibrated probabilities), the masked-lung shortcut
@@ -328,10 +356,11 @@ def _evaluate(model: XrayNet, reported: dict[str, Decoded], outputs: dict[str, S
     if "external" in reported:
         metrics["external"]["source"] = reported["external"].samples[0].source
     test = outputs["test"]
-    metrics["test_masked"] = masked_probe(lambda images: predict_probs(model, images), test.images[:], test.labels)
+    probabilities = lambda images: softmax(forward(images)[0])  # uncalibrated, as the probes always were
+    metrics["test_masked"] = masked_probe(probabilities, test.images[:], test.labels, full=softmax(test.logits))
     tested = [s for split in ("test", "test_in_sources") if split in reported for s in reported[split].samples]
-    swaps = [size_swap_probe(lambda images: predict_probs(model, images), tested, dataset.classes, confound,
-                             image_size(cfg)) for confound in audit_report.size_confounds]
+    swaps = [size_swap_probe(probabilities, tested, dataset.classes, confound, image_size(cfg))
+             for confound in audit_report.size_confounds]
     if any(swaps):
         metrics["size_swap"] = [swap for swap in swaps if swap]
     figures = [f for split in reported
@@ -385,13 +414,13 @@ def _bundle_config(model: XrayNet, cfg: TrainConfig, size: int, dataset: data_mo
 
 
 def _write_bundle(path: Path, model: XrayNet, config: BundleConfig, trust: Trust, metrics: dict[str, Any],
-                  audit_report: audit.AuditReport, cfg: TrainConfig, log) -> None:
+                  audit_report: audit.AuditReport, graph: Path | None) -> None:
     card = model_card.render(config, metrics, audit_report)
     save_bundle(path, model, config, files={ood.FILE: trust.guard.to_bytes(), model_card.FILE: card})
-    if cfg.onnx and onnx_available():
-        from .export import export_bundle
+    if graph:
+        from .export import graph_record
 
-        export_bundle(path, log=log)
+        add_files(path, {ONNX: graph}, graph_record(config.input_size))
 
 
 def _log_summary(metrics: dict[str, Any], seconds: float, log) -> None:
