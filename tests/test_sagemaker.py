@@ -305,6 +305,23 @@ def test_models_serve_the_tarball_as_is(sdk, offline_boto):
     assert managed.env == sdk_objects.SERVING_ENV
 
 
+def test_transformer_sends_each_file_as_one_request_and_writes_json(sdk, offline_boto):
+    for instance_type, session, output in (
+        ("local", sdk.local.LocalSession(boto_session=offline_boto), "file:///tmp/job/transform"),
+        ("ml.m5.xlarge", sdk.Session(boto_session=offline_boto), "s3://bucket/job/transform"),
+    ):
+        transformer = sdk_objects.build_transformer(instance_type, "covid-xray-model", output, session=session,
+                                                    concurrency=3)
+        assert isinstance(transformer, sdk.transformer.Transformer)
+        assert (transformer.model_name, transformer.instance_type, transformer.instance_count) == (
+            "covid-xray-model", instance_type, 1)
+        # One request per file, never split or batched into one body; the endpoint's JSON as FILE.out.
+        assert (transformer.strategy, transformer.assemble_with, transformer.accept) == ("SingleRecord", None,
+                                                                                         "application/json")
+        assert (transformer.max_concurrent_transforms, transformer.max_payload) == (3, 20)  # 20 MB, as serve takes
+        assert transformer.output_path == output and transformer.base_transform_job_name == jobs.BASE_JOB_NAME
+
+
 # --- one clear sentence for each thing that is missing -------------------------------------------
 
 

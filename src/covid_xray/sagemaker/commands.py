@@ -1,4 +1,4 @@
-"""`covid-xray sagemaker train|deploy|predict|cleanup`: parse, call the launcher, print. Imports nothing
+"""`covid-xray sagemaker train|deploy|predict|transform|cleanup`: parse, call the launcher, print. Imports nothing
 heavy until a command runs, like the rest of the CLI."""
 
 from __future__ import annotations
@@ -71,6 +71,17 @@ def _sagemaker_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sagemaker_transform(args: argparse.Namespace) -> int:
+    from . import jobs, launcher
+
+    job = jobs.TrainingJob(**launcher.load_state(args.job_dir)["job"])
+    result = launcher.transform(job, args.input, args.output, instance_type=args.instance_type,
+                                concurrency=args.concurrency, role=args.role, region=args.region,
+                                log=lambda line: print(line, flush=True))
+    print(result.summary())
+    return 1 if result.errors else 0
+
+
 def _sagemaker_cleanup(args: argparse.Namespace) -> int:
     from . import launcher
 
@@ -121,5 +132,13 @@ def add_parser(sub) -> None:
     c = command("predict", _sagemaker_predict, "send X-ray images to the deployed endpoint")
     c.add_argument("images", nargs="+", metavar="IMAGE")
     c.add_argument("--json", action="store_true", help="print one JSON array, an object per image")
+
+    c = command("transform", _sagemaker_transform, "batch transform: every file of a folder or S3 prefix "
+                "through the job's model, one FILE.out each")
+    c.add_argument("--input", required=True, help="a folder (or file), or an s3:// prefix for ml.*")
+    c.add_argument("--output", required=True, help="where FILE.out (and FILE.error) go: a folder, or s3:// for ml.*")
+    c.add_argument("--instance-type", help="default: the training job's")
+    c.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (MaxConcurrentTransforms)")
+    aws_options(c)
 
     command("cleanup", _sagemaker_cleanup, "delete the deployed endpoint")

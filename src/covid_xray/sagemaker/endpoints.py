@@ -142,24 +142,33 @@ class SageMakerEndpoint:
         return described | ({"url": LOCAL_MODE_URL} if self.instance_type in LOCAL_MODES else {})
 
 
-def http_invoke(
-    url: str, image: bytes, content_type: str = IMAGE_CONTENT_TYPE, timeout_s: float = 120
-) -> dict[str, Any]:
-    """POST /invocations, as SageMaker's runtime does; an error response becomes one sentence."""
-    request = urllib.request.Request(f"{url}/invocations", data=image, method="POST",
+def http_post(url: str, data: bytes, content_type: str = IMAGE_CONTENT_TYPE, timeout_s: float = 120) -> tuple[int, bytes]:
+    """POST /invocations, as SageMaker's runtime does: (HTTP status, response body). An endpoint that
+    does not answer at all is one sentence."""
+    request = urllib.request.Request(f"{url}/invocations", data=data, method="POST",
                                      headers={"Content-Type": content_type, "Accept": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return json.loads(response.read())
+            return response.status, response.read()
     except urllib.error.HTTPError as e:
-        detail = e.read().decode(errors="replace")
-        try:
-            detail = json.loads(detail).get("error", detail)
-        except (json.JSONDecodeError, AttributeError):
-            pass
-        raise CovidXrayError(f"the endpoint refused the request ({e.code}): {detail}") from None
+        return e.code, e.read()
     except (urllib.error.URLError, OSError) as e:
         raise CovidXrayError(f"no endpoint answering at {url} ({getattr(e, 'reason', e)}): deploy it first") from None
+
+
+def http_invoke(
+    url: str, image: bytes, content_type: str = IMAGE_CONTENT_TYPE, timeout_s: float = 120
+) -> dict[str, Any]:
+    """The endpoint's JSON answer; an error response becomes one sentence."""
+    status, body = http_post(url, image, content_type, timeout_s)
+    if status == 200:
+        return json.loads(body)
+    detail = body.decode(errors="replace")
+    try:
+        detail = json.loads(detail).get("error", detail)
+    except (json.JSONDecodeError, AttributeError):
+        pass
+    raise CovidXrayError(f"the endpoint refused the request ({status}): {detail}")
 
 
 class LocalModeEndpoint:

@@ -1,4 +1,4 @@
-"""Train, deploy, predict and clean up — on managed SageMaker, in SageMaker local mode, or with
+"""Train, deploy, predict, batch-transform and clean up — on managed SageMaker, in SageMaker local mode, or with
 no Docker and no AWS account at all.
 
 Instance types:
@@ -30,7 +30,8 @@ from . import entry
 from .endpoints import Endpoint, LocalProcessEndpoint, SageMakerEndpoint, endpoint_from_state
 from .jobs import LOCAL_MODES, LOCAL_PROCESS, Log, TrainingJob, check_instance_type, docker_available
 from .local_process import run_local_process
-from .sdk import _run_sdk_job, _sdk_predictor, build_model, make_session
+from .sdk import _run_sdk_job, _sdk_predictor, build_model, make_session, run_sdk_transform
+from .transform import DEFAULT_CONCURRENCY, TransformResult, run_local_process as transform_local_process
 
 STATE_FILE = "sagemaker.json"
 
@@ -122,21 +123,50 @@ def deploy(
 ) -> LocalProcessEndpoint | SageMakerEndpoint:
     """Serve a job's model.tar.gz (or one given by path/URI). The endpoint type defaults to the
     job's instance type (local-process for a bare path)."""
-    model_data = job.model_data if isinstance(job, TrainingJob) else str(job)
-    instance_type = instance_type or (job.instance_type if isinstance(job, TrainingJob) else LOCAL_PROCESS)
-    check_instance_type(instance_type)
+    model_data, instance_type, region = _model_of(job, instance_type, region)
     if instance_type == LOCAL_PROCESS:
-        if model_data.startswith("s3://"):
-            raise CovidXrayError(f"local-process serves a local model.tar.gz, not {model_data}: download it first")
         workdir = Path(workdir or Path(model_data).resolve().parent / "endpoint")
         workdir.mkdir(parents=True, exist_ok=True)
         return LocalProcessEndpoint.start(model_data, workdir, port=port)
-    session = make_session(instance_type, region or (job.region if isinstance(job, TrainingJob) else None))
+    session = make_session(instance_type, region)
     if instance_type in LOCAL_MODES and not model_data.startswith("file://"):
         model_data = f"file://{Path(model_data).resolve()}"
     model = build_model(instance_type, model_data, role=role, session=session)
     model.deploy(initial_instance_count=1, instance_type=instance_type)
     return SageMakerEndpoint(_sdk_predictor(model.endpoint_name, session), instance_type)
+
+
+def transform(
+    job: TrainingJob | str | os.PathLike,
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    instance_type: str | None = None,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    role: str | None = None,
+    region: str | None = None,
+    log: Log = print,
+) -> TransformResult:
+    """Batch transform: every file under `source` through the job's model, FILE.out under `output`
+    (`transform` module). The instance type defaults to the job's (local-process for a bare path)."""
+    model_data, instance_type, region = _model_of(job, instance_type, region)
+    if instance_type == LOCAL_PROCESS:
+        return transform_local_process(model_data, source, output, workdir=Path(model_data).resolve().parent / "transform",
+                                       concurrency=concurrency, log=log)
+    return TransformResult(run_sdk_transform(model_data, str(source), str(output), instance_type, role=role,
+                                             region=region, concurrency=concurrency, log=log))
+
+
+def _model_of(job: TrainingJob | str | os.PathLike, instance_type: str | None,
+              region: str | None) -> tuple[str, str, str | None]:
+    """(model.tar.gz, instance type, region) for serving a job's model: the type defaults to the job's
+    (local-process for a bare path), the region to the job's; local-process needs the archive here."""
+    model_data = job.model_data if isinstance(job, TrainingJob) else str(job)
+    instance_type = instance_type or (job.instance_type if isinstance(job, TrainingJob) else LOCAL_PROCESS)
+    check_instance_type(instance_type)
+    if instance_type == LOCAL_PROCESS and model_data.startswith("s3://"):
+        raise CovidXrayError(f"local-process serves a local model.tar.gz, not {model_data}: download it first")
+    return model_data, instance_type, region or (job.region if isinstance(job, TrainingJob) else None)
 
 
 def recorded_endpoint(job_dir: str | os.PathLike) -> Endpoint | None:

@@ -43,6 +43,7 @@ def _sdk():
         import sagemaker
         import sagemaker.local
         import sagemaker.pytorch
+        import sagemaker.transformer
     except ImportError:
         raise CovidXrayError(
             "the SageMaker Python SDK is not installed: pip install 'covid-xray[sagemaker]', "
@@ -180,6 +181,41 @@ def build_model(instance_type: str, model_data: str, *, role: str | None = None,
         sagemaker_session=session,
         **extra,
     )
+
+
+def build_transformer(instance_type: str, model_name: str, output_path: str, *, session,
+                      concurrency: int = 4):
+    """The `sagemaker.transformer.Transformer` for a batch transform job on a created model: one request
+    per input file (SingleRecord, no splitting), JSON answers written as FILE.out under `output_path`, at most
+    `concurrency` requests in flight, payloads up to the endpoint's own body limit."""
+    from ..protocol import DEFAULT_MAX_BODY_BYTES, JSON
+
+    return _sdk().transformer.Transformer(
+        model_name=model_name, instance_count=1, instance_type=instance_type, strategy="SingleRecord",
+        output_path=output_path, accept=JSON, max_concurrent_transforms=concurrency,
+        max_payload=DEFAULT_MAX_BODY_BYTES // 2**20, base_transform_job_name=BASE_JOB_NAME, sagemaker_session=session,
+    )
+
+
+def run_sdk_transform(model_data: str, source: str, output: str, instance_type: str, *, role: str | None,
+                      region: str | None, concurrency: int, log: Log) -> str:
+    """A SageMaker batch transform job (local mode or managed) on model.tar.gz; returns where the .out files are."""
+    session = make_session(instance_type, region)
+    local = instance_type in LOCAL_MODES
+    if local:  # local mode reads and writes file:// URIs
+        model_data, source, output = (v if v.startswith(("s3://", "file://")) else f"file://{Path(v).resolve()}"
+                                      for v in (model_data, source, output))
+    elif not source.startswith("s3://"):
+        source = _channel_uri(source, "transform-input", session, local, log)
+    model = build_model(instance_type, model_data, role=role, session=session)
+    model.create(instance_type=instance_type)
+    transformer = build_transformer(instance_type, model.name, output, session=session, concurrency=concurrency)
+    try:
+        transformer.transform(source, data_type="S3Prefix", content_type=IMAGE_CONTENT_TYPE, split_type=None,
+                              wait=True, logs=True)
+    finally:
+        model.delete_model()
+    return output
 
 
 def _sdk_predictor(endpoint_name: str, session):
