@@ -5,8 +5,9 @@
 Starts a real server process (default settings), then measures:
   - one client, one request at a time: p50/p95 latency and throughput;
   - `--clients` concurrent clients sending the same number of requests: throughput and latency.
-With --api-key the server requires a (generated) API key and every request sends it, to compare with a run
-without. (`benchmarks/user_wait.py` times `covid-xray predict` in a fresh process.)
+With --compare-api-key it instead starts two servers, one requiring a (generated) API key, and sends one
+request to each in turn (a keep-alive connection each), so the key's cost is measured against the same
+drift of the machine. (`benchmarks/user_wait.py` times `covid-xray predict` in a fresh process.)
 Without --bundle it builds a bundle of the default backbone at the default training size with a random
 head, exported to ONNX like a trained bundle (same cost, without the OOD guard's small matrix product).
 """
@@ -84,9 +85,8 @@ def start_server(bundle: Path, port: int, extra: list[str], key: str | None = No
     sys.exit("server did not become ready")
 
 
-def run_clients(url: str, image: bytes, clients: int, total: int, key: str | None = None) -> tuple[float, list[float]]:
+def run_clients(url: str, image: bytes, clients: int, total: int) -> tuple[float, list[float]]:
     """`total` requests split over `clients` threads, each with its own keep-alive connection."""
-    headers = {"Content-Type": "image/jpeg", **({"Authorization": f"Bearer {key}"} if key else {})}
     latencies: list[float] = []
     lock = threading.Lock()
     counts = [total // clients + (c < total % clients) for c in range(clients)]
@@ -105,7 +105,7 @@ def run_clients(url: str, image: bytes, clients: int, total: int, key: str | Non
         barrier.wait()
         for _ in range(n):
             t = time.perf_counter()
-            http.request("POST", "/invocations", body=image, headers=headers)
+            http.request("POST", "/invocations", body=image, headers={"Content-Type": "image/jpeg"})
             r = http.getresponse()
             body = r.read()
             mine.append(time.perf_counter() - t)
@@ -123,6 +123,41 @@ def run_clients(url: str, image: bytes, clients: int, total: int, key: str | Non
     for t in threads:
         t.join()
     return time.perf_counter() - start, latencies
+
+
+def compare_api_key(bundle: Path, image: bytes, requests: int, extra: list[str]) -> None:
+    """p50/p95 of one request at a time to a server without keys and to one with, in turns."""
+    key = secrets.token_urlsafe(32)
+    ports = {"without a key": free_port(), "with an API key": free_port()}
+    servers = [start_server(bundle, ports["without a key"], extra), start_server(bundle, ports["with an API key"], extra, key)]
+    headers = {"without a key": {"Content-Type": "image/jpeg"},
+               "with an API key": {"Content-Type": "image/jpeg", "Authorization": f"Bearer {key}"}}
+    try:
+        connections = {name: HTTPConnection("127.0.0.1", port, timeout=60) for name, port in ports.items()}
+        for http in connections.values():
+            http.connect()
+            http.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        latencies: dict[str, list[float]] = {name: [] for name in ports}
+        for i in range(requests + 10):  # the first 10 of each warm up
+            for name, http in connections.items():
+                t = time.perf_counter()
+                http.request("POST", "/invocations", body=image, headers=headers[name])
+                r = http.getresponse()
+                body = r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"{name}: HTTP {r.status}: {body[:200]!r}")
+                if i >= 10:
+                    latencies[name].append(time.perf_counter() - t)
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(30)
+    print(f"1024×1024 JPEG, {requests} requests to each server in turns, {os.cpu_count()} CPUs\n")
+    print("| server | p50 ms | p95 ms |\n| --- | ---: | ---: |")
+    for name, values in latencies.items():
+        print(f"| {name} | {pct(values, 50):.2f} | {pct(values, 95):.2f} |")
+    difference = pct(latencies["with an API key"], 50) - pct(latencies["without a key"], 50)
+    print(f"\np50 difference (with − without): {difference:+.2f} ms")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -149,7 +184,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="requests per measurement")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--serve-args", default="", help="extra options for covid-xray serve, e.g. '--max-batch-size 4'")
-    parser.add_argument("--api-key", action="store_true", help="serve with an API key, sent by every request")
+    parser.add_argument("--compare-api-key", action="store_true",
+                        help="compare one-at-a-time latency with and without an API key (two servers, in turns)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,22 +194,23 @@ def main() -> None:
         image = xray_jpeg(1024, 1024, "L")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        key = secrets.token_urlsafe(32) if args.api_key else None
-        server = start_server(bundle, port, shlex.split(args.serve_args), key)
+        if args.compare_api_key:
+            return compare_api_key(bundle, image, args.requests, shlex.split(args.serve_args))
+        server = start_server(bundle, port, shlex.split(args.serve_args))
         try:
-            run_clients(url, image, 1, 10, key)  # warm-up
+            run_clients(url, image, 1, 10)  # warm-up
             cpu0, client0 = cpu_seconds(server.pid), time.process_time()
-            seq_time, seq_lat = run_clients(url, image, 1, args.requests, key)
+            seq_time, seq_lat = run_clients(url, image, 1, args.requests)
             cpu1, client1 = cpu_seconds(server.pid), time.process_time()
-            con_time, con_lat = run_clients(url, image, args.clients, args.requests, key)
+            con_time, con_lat = run_clients(url, image, args.clients, args.requests)
             cpu2, client2 = cpu_seconds(server.pid), time.process_time()
-            stats = httpx.get(f"{url}/stats", headers={"Authorization": f"Bearer {key}"} if key else {}).json()["batcher"]
+            stats = httpx.get(f"{url}/stats").json()["batcher"]
         finally:
             server.terminate()
             server.wait(30)
 
     seq_rps, con_rps = args.requests / seq_time, args.requests / con_time
-    print(f"covid-xray serve {args.serve_args}".rstrip() + (" with an API key" if key else "") + f", 1024×1024 JPEG ({len(image) / 1024:.0f} KiB), {args.requests} requests, "
+    print(f"covid-xray serve {args.serve_args}".rstrip() + f", 1024×1024 JPEG ({len(image) / 1024:.0f} KiB), {args.requests} requests, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
     per_request = lambda a, b: (b - a) / args.requests * 1000  # noqa: E731
     rows = [("1 client, sequential", seq_lat, seq_rps, per_request(cpu0, cpu1), per_request(client0, client1)),

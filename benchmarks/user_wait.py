@@ -1,7 +1,7 @@
 """What a user waits for: `covid-xray predict` on one JPEG from a fresh process, and the minute after the
 last epoch of a default `covid-xray train` (evaluation, calibration, guard, probes, export).
 
-    python benchmarks/user_wait.py --data DIR [--before REV] [--runs 5] [--no-train]
+    python benchmarks/user_wait.py --data DIR [--before REV] [--runs 5] [--no-train] [--folder DIR]
 
 Measures the working tree's package and, with --before, the package at git revision REV (its `src/`,
 unpacked into a temporary folder), in one run on one machine, so that the two columns compare. Both
@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="fresh `predict` processes per version")
     parser.add_argument("--bundle", type=Path, help="predict with this bundle instead of training one (implies --no-train)")
     parser.add_argument("--no-train", action="store_true")
+    parser.add_argument("--folder", type=Path, help="also time `covid-xray predict --out` over every film of this folder")
     args = parser.parse_args()
     print(f"machine: {machine()}\n")
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,6 +140,11 @@ def main() -> None:
                 heavy = marks.get("heavy", "")
             rows[name].update({"predict 1 JPEG min s": f"{min(walls):.2f}",
                                "median s": f"{statistics.median(walls):.2f}", "imports": heavy or "neither torch nor timm"})
+            if args.folder:  # thousands of files: decoding must still overlap the model
+                wall, _ = run(src, ["predict", str(bundle), str(args.folder), "--out", str(Path(tmp) / f"{name}.csv"),
+                                    "--no-progress"])
+                films = sum(1 for _ in open(Path(tmp) / f"{name}.csv")) - 1
+                rows[name][f"predict {films} films s"] = f"{wall:.1f}"
         print_table(list(rows.values()))
         print()
         if args.before and not (args.no_train or args.bundle):

@@ -200,16 +200,22 @@ def test_patient_data_stays_out_even_with_the_dicom_readers_debug_log(untrained_
     assert_no_patient_data(*(r.text for r in answers), stats, caplog.text, captured.out, captured.err)
 
 
-def test_patient_data_in_no_output_of_a_server_at_debug_log_level(untrained_bundle):
-    process = ServeProcess(untrained_bundle, "--log-level", "debug")
+def test_patient_data_in_no_output_of_a_server_at_debug_log_level(untrained_bundle, tmp_path):
+    scratch = tmp_path / "tmp"  # the server's temporary folder: uploads must never land there (or anywhere)
+    scratch.mkdir()
+    process = ServeProcess(untrained_bundle, "--log-level", "debug", env={"TMPDIR": str(scratch)})
+    before = sorted(untrained_bundle.rglob("*"))
+    big = encode(xray_like(2400, seed=6), "PNG")  # several MB: a multipart parser would spool this to disk
     try:
         process.wait_ready()
         with httpx.Client(base_url=process.url, timeout=60) as client:
             answers = [client.post("/invocations", content=body, headers={"content-type": "application/dicom"}).text
                        for body in planted_dicoms().values()]
             answers.append(client.get("/stats").text)
+            assert client.post("/invocations", content=big, headers={"content-type": "image/png"}).status_code == 200
     finally:
         log = process.stop()
     assert "predictions" in answers[0] and "POST /invocations" in log  # it did answer, and it did log
     assert_no_patient_data(*answers, log)
     assert json.loads(answers[1])["error"].startswith("corrupt DICOM file")
+    assert not list(scratch.iterdir()) and sorted(untrained_bundle.rglob("*")) == before  # nothing written
