@@ -570,3 +570,4 @@ def test_demo_notebook_runs_top_to_bottom(dataset_dir, tmp_path, monkeypatch):
         r"accuracy on all 66 test images: ([0-9.]+) \(the training job's evaluation: ([0-9.]+)\)", outputs
     ).groups()
     assert served == evaluated and float(served) >= 0.7, (served, shown)
+    assert "transform: 66 written, 0 kept from an earlier run, 0 refused" in outputs  # the batch transform cell
