@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import csv
 import os
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, Self
 
@@ -22,7 +21,7 @@ import numpy as np
 from .images import load_image
 from .errors import CovidXrayError, ImageError
 from .inference import Predictor
-from .util import cpu_count
+from .util import cpu_count, ordered_map
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
 
@@ -49,22 +48,6 @@ def _decode(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
         return None, str(e).removeprefix(f"{path}: ")
 
 
-def _decoded(paths: list[Path], size: int, workers: int, ahead: int) -> Iterator[tuple[np.ndarray | None, str | None]]:
-    """Every path decoded, in order, by `workers` threads (Pillow decodes without the GIL) that read at
-    most `ahead` files beyond the one being consumed; 0 workers decode in the calling thread."""
-    if not workers:
-        yield from (_decode(p, size) for p in paths)
-        return
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: deque[Future] = deque()
-        for path in paths:
-            pending.append(pool.submit(_decode, path, size))
-            if len(pending) > ahead:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
 # Per-prediction flags, as CSV columns after the probabilities (refer_reasons joined by "; ").
 FLAGS = ("ood", "ood_score", "atypical", "class_distance", "refer", "refer_reasons")
 
@@ -77,7 +60,8 @@ def iter_predictions(predictor: Predictor, paths: list[Path], *, batch_size: int
     Threads, not processes: nothing to start for one film, and no torch DataLoader to import. While
     the model scores one batch (ONNX Runtime and PyTorch release the GIL), the threads decode the next two."""
     workers = cpu_count() if workers is None else workers
-    decoded = _decoded(paths, predictor.size, workers, ahead=2 * batch_size)
+    # Pillow decodes without the GIL, so threads decode in parallel.
+    decoded = ordered_map(partial(_decode, size=predictor.size), paths, workers, ahead=2 * batch_size)
     for start in range(0, len(paths), batch_size):
         batch = [(path, *next(decoded)) for path in paths[start : start + batch_size]]
         good = [image for _, image, _ in batch if image is not None]

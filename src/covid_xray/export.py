@@ -42,7 +42,8 @@ def export_bundle(bundle: str | Path, *, int8: bool = False, data: str | Path | 
     train = _training_images(config, data, calibration_images + HELD_OUT_IMAGES) if int8 else None
     with tempfile.TemporaryDirectory(dir=bundle, prefix=".export-") as tmp:
         files = {ONNX: Path(tmp) / ONNX}
-        info = export_checked(model, size, files[ONNX], log)
+        export_checked(model, size, files[ONNX], log)
+        info = graph_record(size)
         if train is not None:
             files[ONNX_INT8] = Path(tmp) / ONNX_INT8
             info["int8"] = _export_int8(files[ONNX], train, calibration_images, files[ONNX_INT8], log)
@@ -66,11 +67,10 @@ def _export_int8(fp32: Path, train: np.ndarray, calibration_images: int, out: Pa
     }
 
 
-def export_checked(model, size: int, out: Path, log=print) -> dict[str, Any]:
-    """`model` as the fp32 graph `out`, checked against PyTorch; returns what config.json records about it."""
+def export_checked(model, size: int, out: Path, log=print) -> None:
+    """`model` as the fp32 graph `out`, checked against PyTorch (`graph_record` is what config.json keeps of it)."""
     export_onnx(model, size, out)
     log(f"{ONNX}: max |probability difference| vs PyTorch {_check_parity(model, out, size):.1e}")
-    return graph_record(size)
 
 
 def graph_record(size: int) -> dict[str, Any]:

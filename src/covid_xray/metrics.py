@@ -20,8 +20,8 @@ def _aucs(positives: np.ndarray, scores: np.ndarray, counts: np.ndarray) -> np.n
     from one sort of the scores and cumulative counts, so 1000 resamples cost about what one did."""
     order = np.argsort(scores, kind="stable")
     sorted_scores, positives = scores[order], positives[order]
-    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])  # first image of each tie group
-    group = np.cumsum(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]]) - 1
+    new_value = np.r_[True, sorted_scores[1:] != sorted_scores[:-1]]
+    starts, group = np.flatnonzero(new_value), np.cumsum(new_value) - 1  # each tie group's first image; each image's group
     result = np.empty(len(counts))
     rows = max(1, 2_000_000 // max(len(scores), 1))  # resamples per block: bounded memory on large splits
     for first in range(0, len(counts), rows):

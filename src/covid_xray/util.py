@@ -1,15 +1,21 @@
 """Small helpers that several stages need, written once: atomic file writes, paths shown relative to a
-root, the CPUs this process may use, boolean words, and whether ONNX is installed. Imports nothing heavy."""
+root, the CPUs this process may use, an ordered map over threads, boolean words, and whether ONNX is
+installed. Imports nothing heavy."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 TRUE_WORDS = ("true", "1", "yes")
 FALSE_WORDS = ("false", "0", "no")
@@ -51,6 +57,22 @@ def relative_path(path: Path, root: Path) -> str:
 def cpu_count() -> int:
     """CPUs this process may run on (a container's or taskset's limit, not the host's core count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: int) -> Iterator[R]:
+    """`fn` of each item, in order, computed by `workers` threads at most `ahead` items beyond the one
+    being consumed (bounded memory for any number of items); 0 workers: in the calling thread."""
+    if not workers:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque[Future] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def parse_bool(value: str) -> bool | None:

@@ -30,7 +30,7 @@ from . import entry
 from .endpoints import Endpoint, LocalProcessEndpoint, SageMakerEndpoint, endpoint_from_state
 from .jobs import LOCAL_MODES, LOCAL_PROCESS, Log, TrainingJob, check_instance_type, docker_available
 from .local_process import run_local_process
-from .sdk import _run_sdk_job, _sdk_predictor, build_model, make_session, run_sdk_transform
+from .sdk import _run_sdk_job, _sdk_predictor, build_model, file_uri, make_session, run_sdk_transform
 from .transform import DEFAULT_CONCURRENCY, TransformResult, run_local_process as transform_local_process
 
 STATE_FILE = "sagemaker.json"
@@ -129,8 +129,8 @@ def deploy(
         workdir.mkdir(parents=True, exist_ok=True)
         return LocalProcessEndpoint.start(model_data, workdir, port=port)
     session = make_session(instance_type, region)
-    if instance_type in LOCAL_MODES and not model_data.startswith("file://"):
-        model_data = f"file://{Path(model_data).resolve()}"
+    if instance_type in LOCAL_MODES:
+        model_data = file_uri(model_data)
     model = build_model(instance_type, model_data, role=role, session=session)
     model.deploy(initial_instance_count=1, instance_type=instance_type)
     return SageMakerEndpoint(_sdk_predictor(model.endpoint_name, session), instance_type)

@@ -202,11 +202,9 @@ def run_sdk_transform(model_data: str, source: str, output: str, instance_type: 
     """A SageMaker batch transform job (local mode or managed) on model.tar.gz; returns where the .out files are."""
     session = make_session(instance_type, region)
     local = instance_type in LOCAL_MODES
+    source = _channel_uri(source, "transform-input", session, local, log)
     if local:  # local mode reads and writes file:// URIs
-        model_data, source, output = (v if v.startswith(("s3://", "file://")) else f"file://{Path(v).resolve()}"
-                                      for v in (model_data, source, output))
-    elif not source.startswith("s3://"):
-        source = _channel_uri(source, "transform-input", session, local, log)
+        model_data, output = file_uri(model_data), file_uri(output)
     model = build_model(instance_type, model_data, role=role, session=session)
     model.create(instance_type=instance_type)
     transformer = build_transformer(instance_type, model.name, output, session=session, concurrency=concurrency)
@@ -267,12 +265,15 @@ def _metrics_from_output(output_dir: Path) -> dict[str, float]:
     return entry.scrape_metrics(summary_lines(test, "test"), entry.metric_definitions(list(test["per_class"])))
 
 
+def file_uri(value: str) -> str:
+    """A local path as the file:// URI local mode reads; URIs as they are."""
+    return value if value.startswith(("s3://", "file://")) else f"file://{Path(value).resolve()}"
+
+
 def _channel_uri(value: str, name: str, session, local: bool, log: Log) -> str:
     """Local mode reads file:// URIs; managed SageMaker reads S3, so local folders are uploaded."""
-    if value.startswith(("s3://", "file://")):
-        return value
+    if local or value.startswith(("s3://", "file://")):
+        return file_uri(value)
     path = Path(value).resolve()
-    if local:
-        return f"file://{path}"
     log(f"uploading {path} to S3 (channel {name})")
     return session.upload_data(str(path), key_prefix=f"{BASE_JOB_NAME}/data/{name}")

@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CovidXrayError
-from ..util import atomic_write
+from ..util import atomic_write, ordered_map
 from .endpoints import LocalProcessEndpoint, http_post
 from .jobs import Log
 
@@ -110,8 +109,7 @@ def _invoke_all(url: str, files: list[Path], concurrency: int) -> Iterator[tuple
             return 0, json.dumps({"error": f"cannot read the file ({e.strerror or e})"}).encode()
         return http_post(url, data, content_type(path))
 
-    with ThreadPoolExecutor(concurrency, thread_name_prefix="covid-xray-transform") as pool:
-        yield from pool.map(one, files)
+    return ordered_map(one, files, concurrency, ahead=concurrency)
 
 
 def _reason(body: bytes) -> str:
