@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 DATA ?= $(or $(COVID_XRAY_DATA),data/Covid19-dataset)
 RUN ?= runs/latest
 
-.PHONY: run test setup browser clean
+V2 := .venv-v2
+
+.PHONY: run test test-sdk-v2 setup browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +31,19 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "note: chromium not installed; browser tests will be skipped"
 
-test: setup browser
-	$(BIN)/python -m pytest
+# SDK v2 beside v3: one line per environment, so v2 gets a second small one (the SDK, pytest, pillow) that
+# runs only the launcher's SDK-object tests; the main run compares both lines' objects through it.
+$(V2)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(V2)
+	$(V2)/bin/python -m pip install --quiet "$$($(PYTHON) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["sagemaker-v2"])')" "pytest>=8" "pillow>=10.0"
+	touch $@
+
+test-sdk-v2: $(V2)/.installed
+	PYTHONPATH=src $(V2)/bin/python -m pytest -p no:cacheprovider tests/test_sagemaker_sdk.py
+
+test: setup browser $(V2)/.installed
+	COVID_XRAY_OTHER_SDK_PYTHON=$(CURDIR)/$(V2)/bin/python $(BIN)/python -m pytest
+	$(MAKE) --no-print-directory test-sdk-v2
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(V2) runs .pytest_cache

@@ -20,7 +20,7 @@ def _sagemaker_train(args: argparse.Namespace) -> int:
     job = launcher.train(
         inputs, instance_type=args.instance_type, instance_count=args.instance_count,
         hyperparameters=entry.parse_hyperparameter_args(args.extra), out=args.job_dir, role=args.role,
-        region=args.region, log=lambda line: print(line, flush=True),
+        region=args.region, sdk=args.sdk, log=lambda line: print(line, flush=True),
     )
     print(f"job: {job.name}\nmodel_data: {job.model_data}")
     if job.output_dir:
@@ -33,7 +33,8 @@ def _sagemaker_deploy(args: argparse.Namespace) -> int:
     from . import jobs, launcher
 
     job = jobs.TrainingJob(**launcher.load_state(args.job_dir)["job"])
-    endpoint = launcher.deploy(job, instance_type=args.instance_type, role=args.role, region=args.region, port=args.port)
+    endpoint = launcher.deploy(job, instance_type=args.instance_type, role=args.role, region=args.region, port=args.port,
+                               sdk=args.sdk)
     described = endpoint.describe()
     launcher.save_state(args.job_dir, endpoint=described)
     print(f"endpoint: {described.get('url') or described['name']}")
@@ -76,7 +77,7 @@ def _sagemaker_transform(args: argparse.Namespace) -> int:
 
     job = jobs.TrainingJob(**launcher.load_state(args.job_dir)["job"])
     result = launcher.transform(job, args.input, args.output, instance_type=args.instance_type,
-                                concurrency=args.concurrency, role=args.role, region=args.region,
+                                concurrency=args.concurrency, role=args.role, region=args.region, sdk=args.sdk,
                                 log=lambda line: print(line, flush=True))
     print(result.summary())
     return 1 if result.errors else 0
@@ -110,6 +111,8 @@ def add_parser(sub) -> None:
     def aws_options(c: argparse.ArgumentParser) -> None:
         c.add_argument("--role", help="SageMaker execution role ARN for ml.* (default: $SAGEMAKER_ROLE)")
         c.add_argument("--region", help="AWS region for ml.* (default: the AWS configuration's)")
+        c.add_argument("--sdk", choices=("v2", "v3"),
+                       help="SageMaker Python SDK line for local and ml.* (default: the installed one)")
 
     c = command(
         "train", _sagemaker_train, "run the training job", allow_abbrev=False,

@@ -1,5 +1,5 @@
 """The endpoints `deploy` makes and later commands reach again: `covid-xray serve` on a loopback
-port for local-process, a SageMaker endpoint (local mode or managed) behind the SDK's Predictor, and
+port for local-process, a SageMaker endpoint (local mode or managed) deployed through either SDK line, and
 a local-mode endpoint seen from another process. `Endpoint` is what every one of them offers."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ..errors import CovidXrayError
 from . import entry
 from .jobs import LOCAL_MODES, LOCAL_PROCESS, _extract
 from .local_process import free_port
-from .sdk import IMAGE_CONTENT_TYPE, _sdk_predictor, make_session
+from .sdk import IMAGE_CONTENT_TYPE, predictor
 
 # Where SageMaker local mode serves an endpoint (the SDK's default local.serving_port).
 LOCAL_MODE_URL = "http://localhost:8080"
@@ -124,21 +124,22 @@ def _serves(pid: int, model_dir: str) -> bool:
 
 
 class SageMakerEndpoint:
-    """A SageMaker (local mode or managed) endpoint behind the SDK's Predictor."""
+    """A SageMaker (local mode or managed) endpoint, deployed through either SDK line (`sdk_v2.Deployed`,
+    `sdk_v3.Deployed`, `sdk_v3.DeployedLocally`)."""
 
-    def __init__(self, predictor, instance_type: str):
-        self.predictor, self.instance_type = predictor, instance_type
+    def __init__(self, deployed, instance_type: str, sdk: str):
+        self.deployed, self.instance_type, self.sdk = deployed, instance_type, sdk
 
     def predict(self, image: bytes) -> dict[str, Any]:
-        return self.predictor.predict(image)
+        return self.deployed.predict(image)
 
     def delete_endpoint(self) -> None:
-        self.predictor.delete_model()
-        self.predictor.delete_endpoint()
+        """The endpoint, its endpoint config and its model."""
+        self.deployed.delete()
 
     def describe(self) -> dict[str, Any]:
-        described = {"kind": self.instance_type, "name": self.predictor.endpoint_name,
-                     "region": self.predictor.sagemaker_session.boto_region_name}
+        described = {"kind": self.instance_type, "name": self.deployed.name, "region": self.deployed.region,
+                     "sdk": self.sdk}
         return described | ({"url": LOCAL_MODE_URL} if self.instance_type in LOCAL_MODES else {})
 
 
@@ -196,4 +197,5 @@ def endpoint_from_state(described: Mapping[str, Any]) -> Endpoint:
         return LocalProcessEndpoint(described["url"], described["pid"], described["model_dir"])
     if kind in LOCAL_MODES:
         return LocalModeEndpoint(described["url"], kind)
-    return SageMakerEndpoint(_sdk_predictor(described["name"], make_session(kind, described.get("region"))), kind)
+    line = described.get("sdk")
+    return SageMakerEndpoint(predictor(described["name"], kind, described.get("region"), line), kind, line)

@@ -3,7 +3,8 @@
 
 It speaks the contract of AWS's PyTorch training container: hyperparameters arrive as
 `--name value` arguments, data in `SM_CHANNEL_TRAIN` (and `SM_CHANNEL_TEST`; any other channel is
-one more data source, named after the channel, as `--data NAME=PATH` is), the bundle goes to
+one more data source, named after the channel, as `--data NAME=PATH` is, but for the `code` and
+`sm_drivers` channels SDK v3 adds), the bundle goes to
 `SM_MODEL_DIR` with a `code/` folder that lets the PyTorch serving container load it as it is,
 reports and plots go to `SM_OUTPUT_DATA_DIR`, and metrics are printed as `name=value` lines that
 `metric_definitions()` matches. The same code runs in the container, in SageMaker local mode and
@@ -50,6 +51,8 @@ TRAINING_REQUIREMENTS = (
     "matplotlib>=3.8",
     "tqdm>=4.66",
 )
+# Channels SDK v3's ModelTrainer adds itself: the source dir and its own driver scripts, not data.
+SDK_CHANNELS = ("code", "sm_drivers")
 _NUMBER = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
 
 
@@ -74,7 +77,7 @@ class SageMakerEnv:
         current = environ.get("SM_CURRENT_HOST", hosts[0])
         if current not in hosts:
             raise CovidXrayError(f"SM_CURRENT_HOST {current!r} is not one of SM_HOSTS {list(hosts)}")
-        channels = [c for c in json.loads(environ.get("SM_CHANNELS", "[]")) if c not in ("train", "test")]
+        channels = [c for c in json.loads(environ.get("SM_CHANNELS", "[]")) if c not in ("train", "test", *SDK_CHANNELS)]
         return cls(
             train=environ.get("SM_CHANNEL_TRAIN"),
             test=environ.get("SM_CHANNEL_TEST"),

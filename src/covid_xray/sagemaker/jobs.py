@@ -35,6 +35,7 @@ class TrainingJob:
     output_dir: str | None = None  # reports, plots, metrics.json, when they are on this machine
     metrics: dict[str, float] = field(default_factory=dict)
     region: str | None = None
+    sdk: str | None = None  # the SageMaker SDK line that ran it (v2, v3); None for local-process
 
 
 def stage_source_dir(dest: str | os.PathLike) -> Path:

@@ -27,10 +27,10 @@ from typing import Any
 
 from ..errors import CovidXrayError
 from . import entry
+from . import sdk as sdk_workflow
 from .endpoints import Endpoint, LocalProcessEndpoint, SageMakerEndpoint, endpoint_from_state
-from .jobs import LOCAL_MODES, LOCAL_PROCESS, Log, TrainingJob, check_instance_type, docker_available
+from .jobs import LOCAL_PROCESS, Log, TrainingJob, check_instance_type, docker_available
 from .local_process import run_local_process
-from .sdk import _run_sdk_job, _sdk_predictor, build_model, file_uri, make_session, run_sdk_transform
 from .transform import DEFAULT_CONCURRENCY, TransformResult, run_local_process as transform_local_process
 
 STATE_FILE = "sagemaker.json"
@@ -88,10 +88,12 @@ def train(
     out: str | os.PathLike = "runs/sagemaker",
     role: str | None = None,
     region: str | None = None,
+    sdk: str | None = None,
     log: Log = print,
 ) -> TrainingJob:
     """Run the training job. `inputs` is a dataset folder (see `channels`) or a channel → path/URI
-    mapping. Everything local (source, model, reports, the job record) goes under `out`."""
+    mapping. Everything local (source, model, reports, the job record) goes under `out`. `sdk` ('v2', 'v3')
+    names the SageMaker SDK line for local mode and ml.* (default: the installed one)."""
     instance_type = instance_type or default_instance_type()
     check_instance_type(instance_type, instance_count)
     named = inputs if isinstance(inputs, Mapping) else channels(inputs)
@@ -104,7 +106,8 @@ def train(
     if instance_type == LOCAL_PROCESS:
         job = run_local_process(inputs, hyperparameters, out=out, instance_count=instance_count, log=log)
     else:
-        job = _run_sdk_job(inputs, hyperparameters, instance_type, instance_count, out, role, region, log)
+        job = sdk_workflow.run_training(inputs, hyperparameters, instance_type, instance_count, out, role, region,
+                                        log, line=sdk)
     save_state(out, job=asdict(job), endpoint=None)
     return job
 
@@ -120,6 +123,7 @@ def deploy(
     role: str | None = None,
     region: str | None = None,
     port: int | None = None,
+    sdk: str | None = None,
 ) -> LocalProcessEndpoint | SageMakerEndpoint:
     """Serve a job's model.tar.gz (or one given by path/URI). The endpoint type defaults to the
     job's instance type (local-process for a bare path)."""
@@ -128,12 +132,7 @@ def deploy(
         workdir = Path(workdir or Path(model_data).resolve().parent / "endpoint")
         workdir.mkdir(parents=True, exist_ok=True)
         return LocalProcessEndpoint.start(model_data, workdir, port=port)
-    session = make_session(instance_type, region)
-    if instance_type in LOCAL_MODES:
-        model_data = file_uri(model_data)
-    model = build_model(instance_type, model_data, role=role, session=session)
-    model.deploy(initial_instance_count=1, instance_type=instance_type)
-    return SageMakerEndpoint(_sdk_predictor(model.endpoint_name, session), instance_type)
+    return sdk_workflow.deploy(model_data, instance_type, role=role, region=region, line=sdk)
 
 
 def transform(
@@ -145,6 +144,7 @@ def transform(
     concurrency: int = DEFAULT_CONCURRENCY,
     role: str | None = None,
     region: str | None = None,
+    sdk: str | None = None,
     log: Log = print,
 ) -> TransformResult:
     """Batch transform: every file under `source` through the job's model, FILE.out under `output`
@@ -153,8 +153,8 @@ def transform(
     if instance_type == LOCAL_PROCESS:
         return transform_local_process(model_data, source, output, workdir=Path(model_data).resolve().parent / "transform",
                                        concurrency=concurrency, log=log)
-    return TransformResult(run_sdk_transform(model_data, str(source), str(output), instance_type, role=role,
-                                             region=region, concurrency=concurrency, log=log))
+    return TransformResult(sdk_workflow.run_transform(model_data, str(source), str(output), instance_type, role=role,
+                                                      region=region, concurrency=concurrency, log=log, line=sdk))
 
 
 def _model_of(job: TrainingJob | str | os.PathLike, instance_type: str | None,

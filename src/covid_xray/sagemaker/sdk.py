@@ -1,7 +1,9 @@
-"""The SageMaker Python SDK side of the workflow, for `local`, `local_gpu` and `ml.*` jobs: importing
-the SDK (only when one of those runs, so `local-process` never needs it), its sessions and execution
-role, the objects it trains and serves with (`PyTorch`, `PyTorchModel`, `Predictor`), and running a
-training job through them."""
+"""The SageMaker Python SDK side of the workflow, for `local`, `local_gpu` and `ml.*` jobs, on either SDK line:
+which line is installed (`sdk_line`), its sessions and execution role, the settings every job and endpoint gets
+whichever line builds it (`TrainingSettings`, `ServingSettings`), and the workflow steps that hand them to the
+line's own objects — `sdk_v2` (`PyTorch`, `PyTorchModel`, `Transformer`) or `sdk_v3` (`ModelTrainer`,
+`ModelBuilder`, `sagemaker.core`'s `Transformer`). The SDK is imported only when one of these runs, so
+`local-process` never needs it."""
 
 from __future__ import annotations
 
@@ -9,50 +11,70 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import import_module, metadata
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from ..errors import CovidXrayError
 from . import entry
 from .jobs import (
-    BASE_JOB_NAME, LOCAL_MODES, LOCAL_PROCESS, Log, TrainingJob, _extract, check_instance_type,
-    docker_available, stage_source_dir,
+    BASE_JOB_NAME, LOCAL_MODES, LOCAL_PROCESS, Log, TrainingJob, _extract, check_instance_type, docker_available,
+    stage_source_dir,
 )
 
-# The newest PyTorch release with both a training and an inference container in SDK 2.x
-# (image_uri_config/pytorch.json); the same pair serves the model that the job produced.
+SDK_LINES = ("v2", "v3")
+# The newest PyTorch release with both a training and an inference container in both SDK lines
+# (image_uri_config/pytorch.json: 2.6.0 for py312); the same pair serves the model the job produced.
 FRAMEWORK_VERSION = "2.6.0"
 PY_VERSION = "py312"
 ROLE_ENV = "SAGEMAKER_ROLE"
 # Local mode never checks the role, but the SDK wants one; AWS's local-mode examples pass a dummy.
 LOCAL_ROLE = "arn:aws:iam::111111111111:role/service-role/AmazonSageMaker-ExecutionRole-local"
-LOCAL_CODE_LOCATION = "s3://covid-xray-local-mode/code"  # never written to: see build_model
+LOCAL_REGION = "us-east-1"  # local mode only needs a region to name AWS's images
 # Any image type is fine: the endpoint sniffs the bytes, exactly as for image/jpeg or image/png.
 IMAGE_CONTENT_TYPE = "application/x-image"
 SERVING_ENV = {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code"}
+_INSTALL = {"v2": "pip install 'covid-xray[sagemaker-v2]'", "v3": "pip install 'covid-xray[sagemaker]'"}
 
 
-# --- environment checks: one sentence each, never an SDK traceback ----------------------------
+# --- which SDK line --------------------------------------------------------------------------------
 
 
-def _sdk():
-    """Import the SageMaker SDK quietly (it logs config lookups and a v3 notice on import)."""
-    os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
+def sdk_line() -> str | None:
+    """The installed SageMaker Python SDK line ('v2' or 'v3'), or None."""
+    try:
+        major = int(metadata.version("sagemaker").split(".")[0])
+    except (metadata.PackageNotFoundError, ValueError):
+        return None
+    return "v2" if major < 3 else "v3"
+
+
+def line_module(line: str | None = None) -> ModuleType:
+    """`sdk_v2` or `sdk_v3`, for the installed line; asking for the other one is one sentence."""
+    if line is not None and line not in SDK_LINES:
+        raise CovidXrayError(f"unknown SDK line {line!r}: use v2 or v3")
+    installed = sdk_line()
+    if installed is None or (line is not None and line != installed):
+        wanted = line or "v3"
+        have = f"SDK {installed} is installed" if installed else "the SageMaker Python SDK is not installed"
+        raise CovidXrayError(
+            f"{have}, not {wanted}: {_INSTALL[wanted]} (or use --instance-type local-process, which needs "
+            "neither the SDK nor Docker)"
+        )
+    os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")  # v2 logs a v3 notice on import
     logging.getLogger("sagemaker.config").setLevel(logging.WARNING)
     try:
-        import sagemaker
-        import sagemaker.local
-        import sagemaker.pytorch
-        import sagemaker.transformer
-    except ImportError:
-        raise CovidXrayError(
-            "the SageMaker Python SDK is not installed: pip install 'covid-xray[sagemaker]', "
-            "or use --instance-type local-process, which needs neither the SDK nor Docker"
-        ) from None
-    return sagemaker
+        return import_module(f".sdk_{installed}", __package__)
+    except ImportError as e:
+        raise CovidXrayError(f"the installed SageMaker Python SDK is incomplete ({e}): {_INSTALL[installed]}") from None
 
 
-def _boto_session(region: str | None, *, need_credentials: bool):
+# --- sessions and role: one sentence each, never an SDK traceback ----------------------------------
+
+
+def boto_session(region: str | None, *, need_credentials: bool):
     import boto3
 
     session = boto3.Session(region_name=region)
@@ -64,27 +86,27 @@ def _boto_session(region: str | None, *, need_credentials: bool):
     if session.region_name is None:
         if need_credentials:
             raise CovidXrayError("no AWS region configured: pass --region or set AWS_DEFAULT_REGION")
-        # Local mode only needs a region to name the container image.
-        session = boto3.Session(region_name="us-east-1")
+        session = boto3.Session(region_name=LOCAL_REGION)
     return session
 
 
-def make_session(instance_type: str, region: str | None = None):
-    """A LocalSession (after checking Docker) or a Session (after checking credentials)."""
-    sagemaker = _sdk()
-    if instance_type in LOCAL_MODES:
-        if not docker_available():
-            raise CovidXrayError(
-                "SageMaker local mode needs Docker, which is not installed or not running here: start Docker, "
-                "or use --instance-type local-process to run the same entry point without it"
-            )
-        session = sagemaker.local.LocalSession(boto_session=_boto_session(region, need_credentials=False))
-        session.config = {"local": {"local_code": True}}  # keep source and model on this machine, not S3
-        return session
-    return sagemaker.Session(boto_session=_boto_session(region, need_credentials=True))
+def check_docker(instance_type: str) -> None:
+    if instance_type in LOCAL_MODES and not docker_available():
+        raise CovidXrayError(
+            "SageMaker local mode needs Docker, which is not installed or not running here: start Docker, "
+            "or use --instance-type local-process to run the same entry point without it"
+        )
 
 
-def resolve_role(instance_type: str, role: str | None, session) -> str:
+def make_session(instance_type: str, region: str | None = None, line: str | None = None):
+    """The line's LocalSession (after checking Docker) or Session (after checking credentials)."""
+    sdk = line_module(line)
+    check_docker(instance_type)
+    local = instance_type in LOCAL_MODES
+    return sdk.session(boto_session(region, need_credentials=not local), local=local)
+
+
+def resolve_role(instance_type: str, role: str | None, session, line: str | None = None) -> str:
     if instance_type in LOCAL_MODES:
         return role or LOCAL_ROLE
     role = role or os.environ.get(ROLE_ENV)
@@ -93,170 +115,187 @@ def resolve_role(instance_type: str, role: str | None, session) -> str:
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:  # works inside SageMaker notebooks and Studio, where the role is the notebook's
-        return _sdk().get_execution_role(session)
+        return line_module(line).execution_role(session)
     except (ValueError, BotoCoreError, ClientError):  # not a role, or AWS would not say
         raise CovidXrayError(
             f"no SageMaker execution role: pass --role arn:aws:iam::ACCOUNT:role/NAME or set {ROLE_ENV}"
         ) from None
 
 
-# --- the SDK objects ---------------------------------------------------------------------------
+# --- what every job and endpoint gets, whichever line builds it -------------------------------------
 
 
-def _accelerated(instance_type: str) -> bool:
-    """GPU or Trainium: the instance families the SDK allows `torch_distributed` on."""
+def accelerated(instance_type: str) -> bool:
+    """GPU or Trainium: one training process per device, and the image's gpu flavour."""
     family = instance_type.removeprefix("ml.").split(".")[0]
     return instance_type == "local_gpu" or (instance_type.startswith("ml.") and family.startswith(("p", "g", "trn")))
 
 
-def build_estimator(
+@dataclass(frozen=True)
+class TrainingSettings:
+    """A training job as both SDK lines describe it: `sdk_v2.build_estimator` and `sdk_v3.build_trainer` turn
+    it into their objects, and their `training_settings` read it back from them (tests compare the two)."""
+
+    instance_type: str
+    instance_count: int
+    image_uri: str
+    source_dir: str
+    entry_point: str
+    requirements: str  # installed by the container before entry_point runs
+    hyperparameters: dict[str, str]  # as the container receives them: --name value
+    metric_definitions: list[dict[str, str]]
+    torchrun: bool  # distribution: torchrun on every host (instance_count > 1)
+    role: str
+    output_path: str | None  # None: the session's default bucket
+    max_run_s: int
+    base_job_name: str = BASE_JOB_NAME
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """A model served from model.tar.gz as it is: the PyTorch inference image runs code/inference.py."""
+
+    instance_type: str
+    image_uri: str
+    model_data: str
+    env: dict[str, str]
+    role: str
+
+
+@dataclass(frozen=True)
+class TransformSettings:
+    output_path: str
+    concurrency: int
+    max_payload_mb: int
+    strategy: str = "SingleRecord"
+    accept: str = "application/json"
+    content_type: str = IMAGE_CONTENT_TYPE
+    base_job_name: str = BASE_JOB_NAME
+
+
+def image_uri(scope: str, instance_type: str, region: str, line: str | None = None) -> str:
+    """AWS's PyTorch image for this instance type ('training' or 'inference')."""
+    return line_module(line).retrieve_image(
+        "pytorch", region=region, version=FRAMEWORK_VERSION, py_version=PY_VERSION, instance_type=instance_type,
+        image_scope=scope,
+    )
+
+
+def training_settings(
     instance_type: str,
     *,
     source_dir: str | os.PathLike,
+    session,
     hyperparameters: Mapping[str, Any] | None = None,
     instance_count: int = 1,
     role: str | None = None,
-    session=None,
     output_path: str | None = None,
     classes: Sequence[str] = entry.DEFAULT_CLASSES,
     max_run_s: int = 4 * 3600,
-):
-    """The `sagemaker.pytorch.PyTorch` estimator for a `local`, `local_gpu` or `ml.*` job. Pass a
-    session to build it without touching Docker or AWS (tests do)."""
+    line: str | None = None,
+) -> TrainingSettings:
     check_instance_type(instance_type, instance_count)
     if instance_type == LOCAL_PROCESS:
-        raise CovidXrayError("local-process runs without the SageMaker SDK; use train(), not build_estimator()")
+        raise CovidXrayError("local-process runs without the SageMaker SDK; use launcher.train(), not the SDK objects")
     hyperparameters = dict(hyperparameters or {})
     entry.check_hyperparameters(hyperparameters)
-    sagemaker = _sdk()
-    session = session or make_session(instance_type)
-    extra: dict[str, Any] = {}
-    if instance_count > 1:
-        # AWS's toolkit then runs train.py under torchrun on every host (one process per GPU, or
-        # one per CPU host); train_run joins that process group through Distributed.from_env().
-        extra["distribution"] = {"torch_distributed": {"enabled": True}}
-        if not _accelerated(instance_type):
-            # The SDK only accepts torch_distributed for GPU/Trainium types unless the image is
-            # named explicitly; the container's torchrun runner handles CPU hosts fine.
-            extra["image_uri"] = sagemaker.image_uris.retrieve(
-                "pytorch", region=session.boto_region_name, version=FRAMEWORK_VERSION,
-                py_version=PY_VERSION, instance_type=instance_type, image_scope="training",
-            )
-    return sagemaker.pytorch.PyTorch(
-        entry_point="train.py",
-        source_dir=str(source_dir),
-        framework_version=FRAMEWORK_VERSION,
-        py_version=PY_VERSION,
-        role=resolve_role(instance_type, role, session),
-        instance_type=instance_type,
-        instance_count=instance_count,
-        hyperparameters=hyperparameters,
+    return TrainingSettings(
+        instance_type=instance_type, instance_count=instance_count,
+        image_uri=image_uri("training", instance_type, session.boto_region_name, line),
+        source_dir=str(source_dir), entry_point="train.py", requirements="requirements.txt",
+        hyperparameters={name: str(value) for name, value in hyperparameters.items()},
         metric_definitions=entry.metric_definitions(classes),
-        output_path=output_path,
-        base_job_name=BASE_JOB_NAME,
-        max_run=max_run_s,
-        disable_profiler=True,  # the profiler would start extra rule-evaluation jobs we never read
-        debugger_hook_config=False,  # no smdebug hooks in the training loop
-        sagemaker_session=session,
-        **extra,
+        # AWS's toolkit (v2) or the SDK's Torchrun driver (v3) then runs train.py under torchrun on every
+        # host; train_run joins that process group through Distributed.from_env().
+        torchrun=instance_count > 1,
+        role=resolve_role(instance_type, role, session, line), output_path=output_path, max_run_s=max_run_s,
     )
 
 
-def build_model(instance_type: str, model_data: str, *, role: str | None = None, session=None):
-    """The `sagemaker.pytorch.PyTorchModel` serving a model.tar.gz as it is: no entry_point, so
-    the SDK neither repacks nor re-uploads it, and SAGEMAKER_PROGRAM points the container at the
-    code/inference.py the training job put inside."""
+def serving_settings(instance_type: str, model_data: str, *, session, role: str | None = None,
+                     line: str | None = None) -> ServingSettings:
     check_instance_type(instance_type)
-    sagemaker = _sdk()
-    session = session or make_session(instance_type)
-    # Nothing is uploaded (no entry_point); naming a code location keeps local mode from looking up,
-    # and creating, the account's default S3 bucket.
-    extra = {"code_location": LOCAL_CODE_LOCATION} if instance_type in LOCAL_MODES else {}
-    return sagemaker.pytorch.PyTorchModel(
-        model_data=model_data,
-        role=resolve_role(instance_type, role, session),
-        framework_version=FRAMEWORK_VERSION,
-        py_version=PY_VERSION,
-        env=dict(SERVING_ENV),
-        sagemaker_session=session,
-        **extra,
+    return ServingSettings(
+        instance_type=instance_type, image_uri=image_uri("inference", instance_type, session.boto_region_name, line),
+        model_data=model_data, env=dict(SERVING_ENV), role=resolve_role(instance_type, role, session, line),
     )
 
 
-def build_transformer(instance_type: str, model_name: str, output_path: str, *, session,
-                      concurrency: int = 4):
-    """The `sagemaker.transformer.Transformer` for a batch transform job on a created model: one request
-    per input file (SingleRecord, no splitting), JSON answers written as FILE.out under `output_path`, at most
-    `concurrency` requests in flight, payloads up to the endpoint's own body limit."""
-    from ..protocol import DEFAULT_MAX_BODY_BYTES, JSON
-
-    return _sdk().transformer.Transformer(
-        model_name=model_name, instance_count=1, instance_type=instance_type, strategy="SingleRecord",
-        output_path=output_path, accept=JSON, max_concurrent_transforms=concurrency,
-        max_payload=DEFAULT_MAX_BODY_BYTES // 2**20, base_transform_job_name=BASE_JOB_NAME, sagemaker_session=session,
-    )
+def build_trainer(settings: TrainingSettings, session, line: str | None = None):
+    """The line's own training object: a `sagemaker.pytorch.PyTorch` estimator (v2) or a `ModelTrainer` (v3)."""
+    sdk = line_module(line)
+    return sdk.build_estimator(settings, session) if sdk.LINE == "v2" else sdk.build_trainer(settings, session)
 
 
-def run_sdk_transform(model_data: str, source: str, output: str, instance_type: str, *, role: str | None,
-                      region: str | None, concurrency: int, log: Log) -> str:
-    """A SageMaker batch transform job (local mode or managed) on model.tar.gz; returns where the .out files are."""
-    session = make_session(instance_type, region)
-    local = instance_type in LOCAL_MODES
-    source = _channel_uri(source, "transform-input", session, local, log)
-    if local:  # local mode reads and writes file:// URIs
-        model_data, output = file_uri(model_data), file_uri(output)
-    model = build_model(instance_type, model_data, role=role, session=session)
-    model.create(instance_type=instance_type)
-    transformer = build_transformer(instance_type, model.name, output, session=session, concurrency=concurrency)
-    try:
-        transformer.transform(source, data_type="S3Prefix", content_type=IMAGE_CONTENT_TYPE, split_type=None,
-                              wait=True, logs=True)
-    finally:
-        model.delete_model()
-    return output
+# --- the workflow steps, through the installed line -------------------------------------------------
 
 
-def _sdk_predictor(endpoint_name: str, session):
-    sagemaker = _sdk()
-    from sagemaker.deserializers import JSONDeserializer
-    from sagemaker.serializers import IdentitySerializer
-
-    return sagemaker.predictor.Predictor(
-        endpoint_name, sagemaker_session=session,
-        serializer=IdentitySerializer(IMAGE_CONTENT_TYPE), deserializer=JSONDeserializer(),
-    )
-
-
-# --- train through the SDK -----------------------------------------------------------------
-
-
-def _run_sdk_job(
+def run_training(
     inputs: Mapping[str, str], hyperparameters: dict[str, Any], instance_type: str, instance_count: int,
-    out: Path, role: str | None, region: str | None, log: Log,
+    out: Path, role: str | None, region: str | None, log: Log, line: str | None = None,
 ) -> TrainingJob:
-    session = make_session(instance_type, region)
+    sdk = line_module(line)
+    session = make_session(instance_type, region, line)
     local = instance_type in LOCAL_MODES
-    estimator = build_estimator(
-        instance_type, source_dir=stage_source_dir(out / "source"), hyperparameters=hyperparameters,
-        instance_count=instance_count, role=role, session=session,
-        output_path=f"file://{out}" if local else None,
+    settings = training_settings(
+        instance_type, source_dir=stage_source_dir(out / "source"), session=session,
+        hyperparameters=hyperparameters, instance_count=instance_count, role=role,
+        output_path=file_uri(str(out)) if local else None, line=line,
     )
-    uris = {name: _channel_uri(value, name, session, local, log) for name, value in inputs.items()}
-    estimator.fit(uris, wait=True, logs="All")
-    job = TrainingJob(
-        name=estimator.latest_training_job.name, instance_type=instance_type,
-        model_data=estimator.model_data, region=session.boto_region_name,
-    )
-    if local:  # local mode leaves model.tar.gz and output.tar.gz under out/<job name>/
+    channels = {name: channel_uri(value, name, session, local, log) for name, value in inputs.items()}
+    name, model_data = sdk.fit(settings, channels, session, out)
+    job = TrainingJob(name=name, instance_type=instance_type, model_data=model_data,
+                      region=session.boto_region_name, sdk=sdk.LINE)
+    if local:  # local mode leaves model.tar.gz and output.tar.gz side by side on this machine
         job.model_data = job.model_data.removeprefix("file://")
         output_tar = Path(job.model_data).with_name("output.tar.gz")
         if output_tar.is_file():
-            job.output_dir = str(_extract(output_tar, out / job.name / "output" / "data"))
-            job.metrics = _metrics_from_output(Path(job.output_dir))
+            job.output_dir = str(_extract(output_tar, out / name / "output" / "data"))
+            job.metrics = metrics_from_output(Path(job.output_dir))
     return job
 
 
-def _metrics_from_output(output_dir: Path) -> dict[str, float]:
+def deploy(model_data: str, instance_type: str, *, role: str | None, region: str | None, line: str | None = None):
+    """A SageMaker endpoint (local mode or managed) serving model.tar.gz: an `endpoints.SageMakerEndpoint`."""
+    from .endpoints import SageMakerEndpoint
+
+    sdk = line_module(line)
+    session = make_session(instance_type, region, line)
+    if instance_type in LOCAL_MODES:
+        model_data = file_uri(model_data)
+    settings = serving_settings(instance_type, model_data, session=session, role=role, line=line)
+    return SageMakerEndpoint(sdk.deploy(settings, session), instance_type, sdk.LINE)
+
+
+def predictor(endpoint_name: str, instance_type: str, region: str | None, line: str | None = None):
+    """The endpoint `deploy` made, reached again from another process (managed endpoints)."""
+    return line_module(line).predictor(endpoint_name, make_session(instance_type, region, line))
+
+
+def run_transform(model_data: str, source: str, output: str, instance_type: str, *, role: str | None,
+                  region: str | None, concurrency: int, log: Log, line: str | None = None) -> str:
+    """A SageMaker batch transform job (local mode or managed) on model.tar.gz; returns where the .out files are."""
+    from ..protocol import DEFAULT_MAX_BODY_BYTES
+
+    sdk = line_module(line)
+    session = make_session(instance_type, region, line)
+    local = instance_type in LOCAL_MODES
+    source = channel_uri(source, "transform-input", session, local, log)
+    if local:  # local mode reads and writes file:// URIs
+        model_data, output = file_uri(model_data), file_uri(output)
+    settings = serving_settings(instance_type, model_data, session=session, role=role, line=line)
+    # One request per input file (SingleRecord, no splitting), JSON answers as FILE.out, at most `concurrency`
+    # requests in flight, payloads up to the endpoint's own body limit (MB).
+    transform = TransformSettings(output_path=output, concurrency=concurrency,
+                                  max_payload_mb=DEFAULT_MAX_BODY_BYTES // 2**20)
+    sdk.transform(settings, transform, source, session)
+    return output
+
+
+# --- shared helpers ----------------------------------------------------------------------------------
+
+
+def metrics_from_output(output_dir: Path) -> dict[str, float]:
     """The metrics the job's log showed, rebuilt from its metrics.json: local mode streams the
     container's log to the console, not to us."""
     from ..metrics import summary_lines
@@ -270,7 +309,7 @@ def file_uri(value: str) -> str:
     return value if value.startswith(("s3://", "file://")) else f"file://{Path(value).resolve()}"
 
 
-def _channel_uri(value: str, name: str, session, local: bool, log: Log) -> str:
+def channel_uri(value: str, name: str, session, local: bool, log: Log) -> str:
     """Local mode reads file:// URIs; managed SageMaker reads S3, so local folders are uploaded."""
     if local or value.startswith(("s3://", "file://")):
         return file_uri(value)

@@ -2,7 +2,7 @@
 `FILE.out` written per input, as SageMaker's batch transform writes them: the endpoint's response body,
 under the input's path relative to the input folder, with `.out` appended.
 
-`ml.*` and local mode run SageMaker's own transform job through the SDK (`sdk.build_transformer`).
+`ml.*` and local mode run SageMaker's own transform job through the SDK (`sdk_v2` / `sdk_v3`, `build_transformer`).
 `local-process` emulates it: the model served as the container serves it (`covid-xray serve` on a loopback
 port, model.tar.gz unpacked), each file POSTed to /invocations with its content type by a bounded number
 of threads, a `FILE.error` (status and reason) instead of a crash for a file the model refuses, and a
