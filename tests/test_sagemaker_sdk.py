@@ -170,17 +170,6 @@ def test_entry_point_ignores_the_channels_sdk_v3_adds():
 # --- serving and batch transform ---------------------------------------------------------------------
 
 
-def _model(sdk, settings, session, tmp_path):
-    if sdk.LINE == "v2":
-        return sdk.build_model(settings, session)
-    return sdk.build_model(settings, session, model_dir=tmp_path) if settings.instance_type == "local" else (
-        sdk.build_model(settings, session))
-
-
-def _served(sdk, model, instance_type):
-    return sdk.serving_settings(model, instance_type) if sdk.LINE == "v2" else sdk.serving_settings(model)
-
-
 @needs_sdk
 def test_models_serve_the_tarball_as_is(sdk, offline_boto, tmp_path):
     local = sdk.session(offline_boto, local=True)
@@ -190,13 +179,13 @@ def test_models_serve_the_tarball_as_is(sdk, offline_boto, tmp_path):
         env={"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code"},
         role=sdk_objects.LOCAL_ROLE,
     )
-    assert _served(sdk, _model(sdk, settings, local, tmp_path), "local") == settings
+    assert sdk.serving_settings(sdk.build_model(settings, local), "local") == settings
 
     managed = sdk.session(offline_boto, local=False)
     settings = sdk_objects.serving_settings("ml.m5.large", "s3://bucket/job/output/model.tar.gz", session=managed,
                                             role=ROLE)
     assert settings.image_uri == f"{ECR}/pytorch-inference:2.6.0-cpu-py312" and settings.role == ROLE
-    assert _served(sdk, _model(sdk, settings, managed, tmp_path), "ml.m5.large") == settings  # not repacked
+    assert sdk.serving_settings(sdk.build_model(settings, managed), "ml.m5.large") == settings  # not repacked
 
 
 @only_v2
@@ -245,9 +234,9 @@ for instance_type, local, output in (("local", True, None), ("ml.m5.xlarge", Fal
     trainer = s.build_trainer(settings, session)
     model_data = "file:///tmp/m" if local else "s3://b/m/model.tar.gz"
     serving = s.serving_settings(instance_type, model_data, session=session, role="arn:aws:iam::123456789012:role/R")
-    model = line.build_model(serving, session) if line.LINE == "v2" or not local else line.build_model(serving, session, model_dir="/tmp/m")
+    model = line.build_model(serving, session)
     out[instance_type] = {"training": dataclasses.asdict(line.training_settings(trainer)),
-                          "serving": dataclasses.asdict(line.serving_settings(model, instance_type) if line.LINE == "v2" else line.serving_settings(model))}
+                          "serving": dataclasses.asdict(line.serving_settings(model, instance_type))}
 print(json.dumps({"line": line.LINE, "settings": out}))
 """
 
@@ -278,11 +267,28 @@ def test_both_sdk_lines_build_the_same_jobs_and_endpoints(tmp_path):
 
 
 @needs_sdk
-def test_missing_docker_is_one_sentence(monkeypatch):
-    monkeypatch.setattr(sdk_objects, "docker_available", lambda: False)
-    with pytest.raises(CovidXrayError, match=r"^SageMaker local mode needs Docker.*local-process") as info:
-        sdk_objects.make_session("local")
-    assert "\n" not in str(info.value)
+def test_missing_docker_daemon_or_compose_is_one_sentence_each(monkeypatch, tmp_path):
+    """Fake docker / docker-compose commands on PATH: each missing piece is its own sentence."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    expected = {
+        (): r"^SageMaker local mode needs Docker, which is not installed: install it .*local-process",
+        (("docker", 1),): r"^SageMaker local mode needs a running Docker daemon, and none answers: start it",
+        (("docker", 0),): r"^SageMaker local mode runs its containers through docker compose, which is not installed",
+    }
+    for fakes, message in expected.items():
+        for path in bin_dir.iterdir():
+            path.unlink()
+        for name, status in fakes:
+            (bin_dir / name).write_text(f"#!/bin/sh\n[ \"$1\" = compose ] && exit 1\nexit {status}\n")
+            (bin_dir / name).chmod(0o755)
+        with pytest.raises(CovidXrayError, match=message) as info:
+            sdk_objects.make_session("local")
+        assert "\n" not in str(info.value)
+    (bin_dir / "docker-compose").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "docker-compose").chmod(0o755)
+    assert jobs.docker_problem() is None
 
 
 @needs_sdk
@@ -330,7 +336,7 @@ def test_missing_or_other_sdk_line_is_one_sentence(monkeypatch):
 def test_cli_prints_the_sentence_not_a_traceback(monkeypatch, capsys, tmp_path):
     from covid_xray import cli
 
-    monkeypatch.setattr(sdk_objects, "docker_available", lambda: False)
+    monkeypatch.setattr(sdk_objects, "docker_problem", lambda: "SageMaker local mode needs Docker, which is not installed")
     train = tmp_path / "train"
     train.mkdir()
     status = cli.main(["sagemaker", "train", "--instance-type", "local", "--train", str(train),
@@ -353,6 +359,18 @@ def test_a_local_mode_endpoint_is_deleted_by_its_deploy_command():
     assert isinstance(endpoint, endpoints.LocalModeEndpoint) and endpoint.url == "http://localhost:8080"
     with pytest.raises(CovidXrayError, match="press Ctrl-C there"):
         endpoint.delete_endpoint()
+
+
+def test_the_image_make_builds_is_the_one_local_mode_looks_for():
+    script = (ROOT / "docker" / "build-image.sh").read_text()
+
+    def value(name: str) -> str:
+        (line,) = [line for line in script.splitlines() if line.startswith(f"{name}=")]
+        return line.split("=", 1)[1].split("#")[0].strip().removeprefix("${COVID_XRAY_IMAGE_REPO:-").rstrip("}")
+
+    assert f"{value('REPO')}:{value('TORCH_VERSION')}-cpu-{value('PY_TAG')}" == sdk_objects.LOCAL_IMAGE
+    # The torch the project allows at most (pyproject's ceiling), as the project's own environment gets it.
+    assert f"torch>=2.4,<={value('TORCH_VERSION')}" in (ROOT / "pyproject.toml").read_text()
 
 
 def test_local_gpu_runs_one_instance():

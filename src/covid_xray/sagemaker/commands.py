@@ -20,7 +20,7 @@ def _sagemaker_train(args: argparse.Namespace) -> int:
     job = launcher.train(
         inputs, instance_type=args.instance_type, instance_count=args.instance_count,
         hyperparameters=entry.parse_hyperparameter_args(args.extra), out=args.job_dir, role=args.role,
-        region=args.region, sdk=args.sdk, log=lambda line: print(line, flush=True),
+        region=args.region, sdk=args.sdk, image=args.image_uri, log=lambda line: print(line, flush=True),
     )
     print(f"job: {job.name}\nmodel_data: {job.model_data}")
     if job.output_dir:
@@ -34,7 +34,7 @@ def _sagemaker_deploy(args: argparse.Namespace) -> int:
 
     job = jobs.TrainingJob(**launcher.load_state(args.job_dir)["job"])
     endpoint = launcher.deploy(job, instance_type=args.instance_type, role=args.role, region=args.region, port=args.port,
-                               sdk=args.sdk)
+                               sdk=args.sdk, image=args.image_uri)
     described = endpoint.describe()
     launcher.save_state(args.job_dir, endpoint=described)
     print(f"endpoint: {described.get('url') or described['name']}")
@@ -78,7 +78,7 @@ def _sagemaker_transform(args: argparse.Namespace) -> int:
     job = jobs.TrainingJob(**launcher.load_state(args.job_dir)["job"])
     result = launcher.transform(job, args.input, args.output, instance_type=args.instance_type,
                                 concurrency=args.concurrency, role=args.role, region=args.region, sdk=args.sdk,
-                                log=lambda line: print(line, flush=True))
+                                image=args.image_uri, log=lambda line: print(line, flush=True))
     print(result.summary())
     return 1 if result.errors else 0
 
@@ -114,6 +114,10 @@ def add_parser(sub) -> None:
         c.add_argument("--sdk", choices=("v2", "v3"),
                        help="SageMaker Python SDK line for local and ml.* (default: the installed one)")
 
+    def image_option(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--image-uri", help="container image (default: $COVID_XRAY_SAGEMAKER_IMAGE, else AWS's PyTorch "
+                       "image; local mode falls back to the one 'make sagemaker-image' builds)")
+
     c = command(
         "train", _sagemaker_train, "run the training job", allow_abbrev=False,
         description="Run the training job. Every other --name value option is a hyperparameter for the entry "
@@ -125,12 +129,14 @@ def add_parser(sub) -> None:
     c.add_argument("--instance-type", help="local-process, local, local_gpu or ml.* (default: local with Docker, else local-process)")
     c.add_argument("--instance-count", type=int, default=1, help="instances; more than 1 trains under torchrun")
     aws_options(c)
+    image_option(c)
     c.set_defaults(accepts_extra=True)
 
     c = command("deploy", _sagemaker_deploy, "serve the job's model.tar.gz as an endpoint")
     c.add_argument("--instance-type", help="default: the training job's")
     c.add_argument("--port", type=int, help="local-process: the loopback port (default: a free one)")
     aws_options(c)
+    image_option(c)
 
     c = command("predict", _sagemaker_predict, "send X-ray images to the deployed endpoint")
     c.add_argument("images", nargs="+", metavar="IMAGE")
@@ -143,5 +149,6 @@ def add_parser(sub) -> None:
     c.add_argument("--instance-type", help="default: the training job's")
     c.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (MaxConcurrentTransforms)")
     aws_options(c)
+    image_option(c)
 
     command("cleanup", _sagemaker_cleanup, "delete the deployed endpoint")

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from ..access import KEYS_ENV
 from ..errors import CovidXrayError
 from . import entry
-from .jobs import LOCAL_MODES, LOCAL_PROCESS, _extract
+from .jobs import LOCAL_MODES, LOCAL_PROCESS, LocalContainers, _extract
 from .local_process import free_port
 from .sdk import IMAGE_CONTENT_TYPE, predictor
 
@@ -127,15 +127,19 @@ class SageMakerEndpoint:
     """A SageMaker (local mode or managed) endpoint, deployed through either SDK line (`sdk_v2.Deployed`,
     `sdk_v3.Deployed`, `sdk_v3.DeployedLocally`)."""
 
-    def __init__(self, deployed, instance_type: str, sdk: str):
-        self.deployed, self.instance_type, self.sdk = deployed, instance_type, sdk
+    def __init__(self, deployed, instance_type: str, sdk: str, containers: LocalContainers | None = None):
+        self.deployed, self.instance_type, self.sdk, self.containers = deployed, instance_type, sdk, containers
 
     def predict(self, image: bytes) -> dict[str, Any]:
         return self.deployed.predict(image)
 
     def delete_endpoint(self) -> None:
-        """The endpoint, its endpoint config and its model."""
-        self.deployed.delete()
+        """The endpoint, its endpoint config and its model (local mode: and its containers)."""
+        try:
+            self.deployed.delete()
+        finally:
+            if self.containers:
+                self.containers.remove()
 
     def describe(self) -> dict[str, Any]:
         described = {"kind": self.instance_type, "name": self.deployed.name, "region": self.deployed.region,

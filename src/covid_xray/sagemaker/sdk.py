@@ -20,7 +20,7 @@ from typing import Any
 from ..errors import CovidXrayError
 from . import entry
 from .jobs import (
-    BASE_JOB_NAME, LOCAL_MODES, LOCAL_PROCESS, Log, TrainingJob, _extract, check_instance_type, docker_available,
+    BASE_JOB_NAME, LOCAL_MODES, LOCAL_PROCESS, LocalContainers, Log, TrainingJob, _extract, check_instance_type, docker_image_exists, docker_problem,
     stage_source_dir,
 )
 
@@ -33,8 +33,16 @@ ROLE_ENV = "SAGEMAKER_ROLE"
 # Local mode never checks the role, but the SDK wants one; AWS's local-mode examples pass a dummy.
 LOCAL_ROLE = "arn:aws:iam::111111111111:role/service-role/AmazonSageMaker-ExecutionRole-local"
 LOCAL_REGION = "us-east-1"  # local mode only needs a region to name AWS's images
+# Named so that local mode never looks up (or creates) the account's default S3 bucket; never written to.
+LOCAL_BUCKET = "covid-xray-local-mode"
+# Local mode stays on this machine: no telemetry calls to AWS (the SDK's own opt-out setting).
+LOCAL_MODE_CONFIG = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}}
 # Any image type is fine: the endpoint sniffs the bytes, exactly as for image/jpeg or image/png.
 IMAGE_CONTENT_TYPE = "application/x-image"
+# An image for local mode, training and serving: what `make sagemaker-image` (docker/build-image.sh) tags when
+# AWS's images cannot be pulled; or any image named by --image-uri / this variable.
+LOCAL_IMAGE = "covid-xray/sagemaker-pytorch:2.14.1-cpu-py311"
+IMAGE_ENV = "COVID_XRAY_SAGEMAKER_IMAGE"
 SERVING_ENV = {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code"}
 _INSTALL = {"v2": "pip install 'covid-xray[sagemaker-v2]'", "v3": "pip install 'covid-xray[sagemaker]'"}
 
@@ -91,11 +99,9 @@ def boto_session(region: str | None, *, need_credentials: bool):
 
 
 def check_docker(instance_type: str) -> None:
-    if instance_type in LOCAL_MODES and not docker_available():
-        raise CovidXrayError(
-            "SageMaker local mode needs Docker, which is not installed or not running here: start Docker, "
-            "or use --instance-type local-process to run the same entry point without it"
-        )
+    problem = docker_problem() if instance_type in LOCAL_MODES else None
+    if problem:
+        raise CovidXrayError(problem)
 
 
 def make_session(instance_type: str, region: str | None = None, line: str | None = None):
@@ -173,12 +179,42 @@ class TransformSettings:
     base_job_name: str = BASE_JOB_NAME
 
 
-def image_uri(scope: str, instance_type: str, region: str, line: str | None = None) -> str:
-    """AWS's PyTorch image for this instance type ('training' or 'inference')."""
-    return line_module(line).retrieve_image(
+def image_uri(scope: str, instance_type: str, region: str, line: str | None = None, image: str | None = None) -> str:
+    """The image for this instance type ('training' or 'inference'): `image` when given, else AWS's PyTorch image."""
+    return image or line_module(line).retrieve_image(
         "pytorch", region=region, version=FRAMEWORK_VERSION, py_version=PY_VERSION, instance_type=instance_type,
         image_scope=scope,
     )
+
+
+def local_mode_image(image: str | None, instance_type: str, region: str) -> str | None:
+    """The image local mode runs when none is named (`--image-uri`, $COVID_XRAY_SAGEMAKER_IMAGE): AWS's when it is
+    here or can be pulled, else the one `make sagemaker-image` builds (docker/), else one sentence. Managed jobs
+    always get AWS's (None: the settings name it)."""
+    image = image or os.environ.get(IMAGE_ENV)
+    if image or instance_type not in LOCAL_MODES:
+        return image
+    if all(docker_image_exists(image_uri(scope, instance_type, region)) for scope in ("training", "inference")):
+        return None
+    if instance_type == "local" and docker_image_exists(LOCAL_IMAGE):
+        return LOCAL_IMAGE
+    if boto_session(None, need_credentials=False).get_credentials() is not None:
+        return None  # the SDK logs in to AWS's registry and pulls AWS's images
+    raise CovidXrayError(
+        "no image for SageMaker local mode here: build one with 'make sagemaker-image' (no registry needed), pass "
+        "--image-uri, or configure AWS credentials so that the SDK can pull AWS's PyTorch images"
+    )
+
+
+def local_mode_ready() -> bool:
+    """Whether `local` can run here as it is: an SDK, Docker with compose, and an image."""
+    if sdk_line() is None or docker_problem() is not None:
+        return False
+    try:
+        local_mode_image(None, "local", LOCAL_REGION)
+    except CovidXrayError:
+        return False
+    return True
 
 
 def training_settings(
@@ -192,6 +228,7 @@ def training_settings(
     output_path: str | None = None,
     classes: Sequence[str] = entry.DEFAULT_CLASSES,
     max_run_s: int = 4 * 3600,
+    image: str | None = None,
     line: str | None = None,
 ) -> TrainingSettings:
     check_instance_type(instance_type, instance_count)
@@ -201,7 +238,7 @@ def training_settings(
     entry.check_hyperparameters(hyperparameters)
     return TrainingSettings(
         instance_type=instance_type, instance_count=instance_count,
-        image_uri=image_uri("training", instance_type, session.boto_region_name, line),
+        image_uri=image_uri("training", instance_type, session.boto_region_name, line, image),
         source_dir=str(source_dir), entry_point="train.py", requirements="requirements.txt",
         hyperparameters={name: str(value) for name, value in hyperparameters.items()},
         metric_definitions=entry.metric_definitions(classes),
@@ -213,10 +250,10 @@ def training_settings(
 
 
 def serving_settings(instance_type: str, model_data: str, *, session, role: str | None = None,
-                     line: str | None = None) -> ServingSettings:
+                     image: str | None = None, line: str | None = None) -> ServingSettings:
     check_instance_type(instance_type)
     return ServingSettings(
-        instance_type=instance_type, image_uri=image_uri("inference", instance_type, session.boto_region_name, line),
+        instance_type=instance_type, image_uri=image_uri("inference", instance_type, session.boto_region_name, line, image),
         model_data=model_data, env=dict(SERVING_ENV), role=resolve_role(instance_type, role, session, line),
     )
 
@@ -232,7 +269,7 @@ def build_trainer(settings: TrainingSettings, session, line: str | None = None):
 
 def run_training(
     inputs: Mapping[str, str], hyperparameters: dict[str, Any], instance_type: str, instance_count: int,
-    out: Path, role: str | None, region: str | None, log: Log, line: str | None = None,
+    out: Path, role: str | None, region: str | None, log: Log, line: str | None = None, image: str | None = None,
 ) -> TrainingJob:
     sdk = line_module(line)
     session = make_session(instance_type, region, line)
@@ -240,22 +277,30 @@ def run_training(
     settings = training_settings(
         instance_type, source_dir=stage_source_dir(out / "source"), session=session,
         hyperparameters=hyperparameters, instance_count=instance_count, role=role,
-        output_path=file_uri(str(out)) if local else None, line=line,
+        output_path=file_uri(str(out)) if local else None, image=local_mode_image(image, instance_type, session.boto_region_name), line=line,
     )
+    log(f"training image: {settings.image_uri}")
     channels = {name: channel_uri(value, name, session, local, log) for name, value in inputs.items()}
-    name, model_data = sdk.fit(settings, channels, session, out)
+    containers = LocalContainers(settings.image_uri) if local else None
+    try:
+        name, model_data = sdk.fit(settings, channels, session, out)
+    finally:
+        if containers:
+            containers.remove()
     job = TrainingJob(name=name, instance_type=instance_type, model_data=model_data,
                       region=session.boto_region_name, sdk=sdk.LINE)
     if local:  # local mode leaves model.tar.gz and output.tar.gz side by side on this machine
         job.model_data = job.model_data.removeprefix("file://")
         output_tar = Path(job.model_data).with_name("output.tar.gz")
         if output_tar.is_file():
-            job.output_dir = str(_extract(output_tar, out / name / "output" / "data"))
+            # Both lines tar the container's whole /opt/ml/output: the reports are in its data/.
+            job.output_dir = str(_extract(output_tar, out / name / "output") / "data")
             job.metrics = metrics_from_output(Path(job.output_dir))
     return job
 
 
-def deploy(model_data: str, instance_type: str, *, role: str | None, region: str | None, line: str | None = None):
+def deploy(model_data: str, instance_type: str, *, role: str | None, region: str | None, line: str | None = None,
+           image: str | None = None):
     """A SageMaker endpoint (local mode or managed) serving model.tar.gz: an `endpoints.SageMakerEndpoint`."""
     from .endpoints import SageMakerEndpoint
 
@@ -263,8 +308,16 @@ def deploy(model_data: str, instance_type: str, *, role: str | None, region: str
     session = make_session(instance_type, region, line)
     if instance_type in LOCAL_MODES:
         model_data = file_uri(model_data)
-    settings = serving_settings(instance_type, model_data, session=session, role=role, line=line)
-    return SageMakerEndpoint(sdk.deploy(settings, session), instance_type, sdk.LINE)
+    settings = serving_settings(instance_type, model_data, session=session, role=role,
+                                image=local_mode_image(image, instance_type, session.boto_region_name), line=line)
+    containers = LocalContainers(settings.image_uri) if instance_type in LOCAL_MODES else None
+    try:
+        deployed = sdk.deploy(settings, session)
+    except BaseException:
+        if containers:
+            containers.remove()
+        raise
+    return SageMakerEndpoint(deployed, instance_type, sdk.LINE, containers)
 
 
 def predictor(endpoint_name: str, instance_type: str, region: str | None, line: str | None = None):
@@ -273,7 +326,8 @@ def predictor(endpoint_name: str, instance_type: str, region: str | None, line: 
 
 
 def run_transform(model_data: str, source: str, output: str, instance_type: str, *, role: str | None,
-                  region: str | None, concurrency: int, log: Log, line: str | None = None) -> str:
+                  region: str | None, concurrency: int, log: Log, line: str | None = None,
+                  image: str | None = None) -> str:
     """A SageMaker batch transform job (local mode or managed) on model.tar.gz; returns where the .out files are."""
     from ..protocol import DEFAULT_MAX_BODY_BYTES
 
@@ -283,12 +337,18 @@ def run_transform(model_data: str, source: str, output: str, instance_type: str,
     source = channel_uri(source, "transform-input", session, local, log)
     if local:  # local mode reads and writes file:// URIs
         model_data, output = file_uri(model_data), file_uri(output)
-    settings = serving_settings(instance_type, model_data, session=session, role=role, line=line)
+    settings = serving_settings(instance_type, model_data, session=session, role=role,
+                                image=local_mode_image(image, instance_type, session.boto_region_name), line=line)
     # One request per input file (SingleRecord, no splitting), JSON answers as FILE.out, at most `concurrency`
     # requests in flight, payloads up to the endpoint's own body limit (MB).
     transform = TransformSettings(output_path=output, concurrency=concurrency,
                                   max_payload_mb=DEFAULT_MAX_BODY_BYTES // 2**20)
-    sdk.transform(settings, transform, source, session)
+    containers = LocalContainers(settings.image_uri) if local else None
+    try:
+        sdk.transform(settings, transform, source, session)
+    finally:
+        if containers:
+            containers.remove()
     return output
 
 

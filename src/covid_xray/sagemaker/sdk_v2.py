@@ -17,10 +17,13 @@ from sagemaker.deserializers import JSONDeserializer
 from sagemaker.estimator import _TrainingJob
 from sagemaker.serializers import IdentitySerializer
 
-from .sdk import IMAGE_CONTENT_TYPE, FRAMEWORK_VERSION, PY_VERSION, ServingSettings, TrainingSettings, TransformSettings
+from .sdk import (
+    FRAMEWORK_VERSION, IMAGE_CONTENT_TYPE, LOCAL_BUCKET, LOCAL_MODE_CONFIG, PY_VERSION, ServingSettings, TrainingSettings,
+    TransformSettings,
+)
 
 LINE = "v2"
-LOCAL_CODE_LOCATION = "s3://covid-xray-local-mode/code"  # never written to: see build_model
+LOCAL_CODE_LOCATION = f"s3://{LOCAL_BUCKET}/code"  # never written to: see build_model
 retrieve_image = sagemaker.image_uris.retrieve
 execution_role = sagemaker.get_execution_role
 
@@ -28,7 +31,7 @@ execution_role = sagemaker.get_execution_role
 def session(boto_session, *, local: bool):
     if not local:
         return sagemaker.Session(boto_session=boto_session)
-    local_session = sagemaker.local.LocalSession(boto_session=boto_session)
+    local_session = sagemaker.local.LocalSession(boto_session=boto_session, sagemaker_config=LOCAL_MODE_CONFIG)
     local_session.config = {"local": {"local_code": True}}  # keep source and model on this machine, not S3
     return local_session
 

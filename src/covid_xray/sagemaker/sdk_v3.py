@@ -10,8 +10,8 @@ point takes those two channels for what they are, not for data."""
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,9 @@ from sagemaker.train import ModelTrainer
 from sagemaker.train.distributed import Torchrun
 from sagemaker.train.model_trainer import Mode
 
-from .jobs import LOCAL_MODES, _extract
-from .sdk import ServingSettings, TrainingSettings, TransformSettings
+from ..protocol import JSON
+from .jobs import BASE_JOB_NAME, LOCAL_MODES
+from .sdk import IMAGE_CONTENT_TYPE, LOCAL_BUCKET, LOCAL_MODE_CONFIG, ServingSettings, TrainingSettings, TransformSettings
 
 LINE = "v3"
 retrieve_image = image_uris.retrieve
@@ -38,8 +39,11 @@ execution_role = get_execution_role
 def session(boto_session, *, local: bool):
     if not local:
         return Session(boto_session=boto_session)
-    local_session = LocalSession(boto_session=boto_session)
+    local_session = LocalSession(boto_session=boto_session, sagemaker_config=LOCAL_MODE_CONFIG)
     local_session.config = {"local": {"local_code": True}}  # keep source and model on this machine, not S3
+    # ModelBuilder asks for the default bucket even in local mode, which would look up (or create) the account's;
+    # setting the resolved name is the only way the session offers to say "this one, do not check".
+    local_session._default_bucket = LOCAL_BUCKET
     return local_session
 
 
@@ -109,37 +113,39 @@ def fit(settings: TrainingSettings, channels: dict[str, str], session, out: Path
 # --- serving -----------------------------------------------------------------------------------------
 
 
-def build_model(settings: ServingSettings, session, model_dir: str | os.PathLike | None = None):
-    """ModelBuilder serving model.tar.gz as it is in the PyTorch inference image (its pass-through path: an
-    image and model data, no model object, nothing repacked). Local mode mounts the unpacked archive
-    (`model_dir`) at /opt/ml/model and runs the image's `serve`, as the managed endpoint does."""
-    # sagemaker.serve makes boto clients as it is imported, which needs a region even for local mode.
+def build_model(settings: ServingSettings, session):
+    """Managed: ModelBuilder serving model.tar.gz as it is in the PyTorch inference image (its pass-through path:
+    an image and model data, no model object, nothing repacked). Local mode: the same model as a CreateModel
+    request to sagemaker.core's local-mode service (LocalSession), which runs it under docker compose as v2 does;
+    ModelBuilder's own LOCAL_CONTAINER mode always pulls its image, so it cannot serve one built here."""
+    if settings.instance_type in LOCAL_MODES:
+        return {
+            "ModelName": f"{BASE_JOB_NAME}-model-{time.strftime('%Y-%m-%d-%H-%M-%S')}",
+            "ExecutionRoleArn": settings.role,
+            "PrimaryContainer": {"Image": settings.image_uri, "ModelDataUrl": settings.model_data,
+                                 "Environment": dict(settings.env)},
+        }
+    # sagemaker.serve makes boto clients as it is imported, which needs a region.
     os.environ.setdefault("AWS_DEFAULT_REGION", session.boto_region_name)
     from sagemaker.serve.mode.function_pointers import Mode as ServeMode
     from sagemaker.serve.model_builder import ModelBuilder
-    from sagemaker.serve.utils.types import ModelServer
 
-    common = dict(image_uri=settings.image_uri, env_vars=dict(settings.env), role_arn=settings.role,
-                  sagemaker_session=session)
-    if settings.instance_type in LOCAL_MODES:
-        return ModelBuilder(mode=ServeMode.LOCAL_CONTAINER, model_server=ModelServer.TORCHSERVE,
-                            model_path=str(model_dir), instance_type=settings.instance_type, **common)
-    return ModelBuilder(mode=ServeMode.SAGEMAKER_ENDPOINT, s3_model_data_url=settings.model_data,
-                        instance_type=settings.instance_type, **common)
+    return ModelBuilder(mode=ServeMode.SAGEMAKER_ENDPOINT, image_uri=settings.image_uri,
+                        s3_model_data_url=settings.model_data, env_vars=dict(settings.env), role_arn=settings.role,
+                        instance_type=settings.instance_type, sagemaker_session=session)
 
 
-def serving_settings(builder) -> ServingSettings:
-    local = str(builder.mode).endswith("LOCAL_CONTAINER")
-    return ServingSettings(
-        instance_type=builder.instance_type, image_uri=builder.image_uri,
-        model_data=f"file://{builder.model_path}" if local else builder.s3_model_data_url,
-        env=dict(builder.env_vars), role=builder.role_arn,
-    )
+def serving_settings(model, instance_type: str) -> ServingSettings:
+    if isinstance(model, dict):  # local mode's CreateModel request
+        container = model["PrimaryContainer"]
+        return ServingSettings(instance_type=instance_type, image_uri=container["Image"],
+                               model_data=container["ModelDataUrl"], env=dict(container["Environment"]),
+                               role=model["ExecutionRoleArn"])
+    return ServingSettings(instance_type=model.instance_type, image_uri=model.image_uri,
+                           model_data=model.s3_model_data_url, env=dict(model.env_vars), role=model.role_arn)
 
 
 def _json(body) -> dict[str, Any]:
-    import json
-
     return json.loads(body.read() if hasattr(body, "read") else body)
 
 
@@ -150,9 +156,7 @@ class Deployed:
         self.endpoint, self.name, self.region = endpoint, endpoint.endpoint_name, region
 
     def predict(self, image: bytes) -> dict[str, Any]:
-        from .sdk import IMAGE_CONTENT_TYPE
-
-        return _json(self.endpoint.invoke(body=image, content_type=IMAGE_CONTENT_TYPE, accept="application/json").body)
+        return _json(self.endpoint.invoke(body=image, content_type=IMAGE_CONTENT_TYPE, accept=JSON).body)
 
     def delete(self) -> None:
         config = EndpointConfig.get(self.endpoint.endpoint_config_name, region=self.region)
@@ -164,20 +168,22 @@ class Deployed:
 
 
 class DeployedLocally:
-    """ModelBuilder's local container: the image's `serve` on localhost:8080, like local mode's endpoint."""
+    """An endpoint of local mode's service: the image's `serve` under docker compose, on localhost:8080."""
 
-    def __init__(self, builder, workdir: Path):
-        self.builder, self.workdir = builder, workdir
-        self.name, self.region = "covid-xray-local", None
+    def __init__(self, session, model: dict):
+        self.session, self.model = session, model
+        self.name, self.region = model["ModelName"].replace("-model-", "-endpoint-"), session.boto_region_name
 
     def predict(self, image: bytes) -> dict[str, Any]:
-        from .endpoints import LOCAL_MODE_URL, http_invoke
-
-        return http_invoke(LOCAL_MODE_URL, image)
+        response = self.session.sagemaker_runtime_client.invoke_endpoint(
+            EndpointName=self.name, Body=image, ContentType=IMAGE_CONTENT_TYPE, Accept=JSON)
+        return _json(response["Body"])
 
     def delete(self) -> None:
-        self.builder.modes[str(self.builder.mode)].destroy_server()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        client = self.session.sagemaker_client
+        client.delete_endpoint(EndpointName=self.name)  # stops the containers
+        client.delete_endpoint_config(EndpointConfigName=self.name)
+        client.delete_model(ModelName=self.model["ModelName"])
 
 
 def predictor(endpoint_name: str, session) -> Deployed:
@@ -187,12 +193,15 @@ def predictor(endpoint_name: str, session) -> Deployed:
 
 def deploy(settings: ServingSettings, session):
     if settings.instance_type in LOCAL_MODES:
-        archive = Path(settings.model_data.removeprefix("file://"))
-        workdir = archive.parent / "endpoint"
-        builder = build_model(settings, session, model_dir=_extract(archive, workdir / "model"))
-        builder.build()
-        builder.deploy()
-        return DeployedLocally(builder, workdir)
+        model = build_model(settings, session)
+        deployed = DeployedLocally(session, model)
+        client = session.sagemaker_client
+        client.create_model(**model)
+        client.create_endpoint_config(EndpointConfigName=deployed.name, ProductionVariants=[{
+            "VariantName": "AllTraffic", "ModelName": model["ModelName"], "InitialInstanceCount": 1,
+            "InstanceType": settings.instance_type}])
+        client.create_endpoint(EndpointName=deployed.name, EndpointConfigName=deployed.name)  # waits for /ping
+        return deployed
     builder = build_model(settings, session)
     builder.build()
     return Deployed(builder.deploy(initial_instance_count=1, instance_type=settings.instance_type),
@@ -215,15 +224,12 @@ def transform(serving: ServingSettings, settings: TransformSettings, source: str
     """Create the model, run the transform job on it, delete the model. Managed: the Model that ModelBuilder
     builds; local mode: the same model created in local mode's own service (LocalSession), which runs the
     transform containers through docker compose."""
+    model = build_model(serving, session)
     if serving.instance_type in LOCAL_MODES:
-        name = f"{settings.base_job_name}-model-{time.strftime('%Y-%m-%d-%H-%M-%S')}"
-        session.sagemaker_client.create_model(
-            ModelName=name, ExecutionRoleArn=serving.role,
-            PrimaryContainer={"Image": serving.image_uri, "ModelDataUrl": serving.model_data,
-                              "Environment": dict(serving.env)},
-        )
+        session.sagemaker_client.create_model(**model)
+        name = model["ModelName"]
     else:
-        model = build_model(serving, session).build()
+        model = model.build()
         name = model.model_name
     try:
         build_transformer(settings, name, serving.instance_type, session).transform(
