@@ -131,12 +131,6 @@ def resolve_role(instance_type: str, role: str | None, session, line: str | None
 # --- what every job and endpoint gets, whichever line builds it -------------------------------------
 
 
-def accelerated(instance_type: str) -> bool:
-    """GPU or Trainium: one training process per device, and the image's gpu flavour."""
-    family = instance_type.removeprefix("ml.").split(".")[0]
-    return instance_type == "local_gpu" or (instance_type.startswith("ml.") and family.startswith(("p", "g", "trn")))
-
-
 @dataclass(frozen=True)
 class TrainingSettings:
     """A training job as both SDK lines describe it: `sdk_v2.build_estimator` and `sdk_v3.build_trainer` turn
