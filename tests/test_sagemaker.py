@@ -214,7 +214,7 @@ def test_cli_train_deploy_predict_cleanup(channels, tmp_path):
         assert all(r["label"] in CLASSES and set(r["probabilities"]) == set(CLASSES) for r in rows)
         run_cli("sagemaker", "cleanup", "--job-dir", str(job_dir))
         assert json.loads((job_dir / "sagemaker.json").read_text())["endpoint"] is None
-        assert not endpoints._serves(endpoint["pid"], endpoint["model_dir"])
+        assert not endpoints._alive_with(endpoint["pid"], endpoint["model_dir"])
     finally:
         endpoints.LocalProcessEndpoint(endpoint["url"], endpoint["pid"], endpoint["model_dir"]).delete_endpoint()
 
@@ -246,9 +246,17 @@ def test_python_api_train_deploy_predict_delete(channels, tmp_path, monkeypatch)
             predictor.predict(b"not an image")
     finally:
         predictor.delete_endpoint()
-    assert not endpoints._serves(predictor.pid, predictor.model_dir)
+    assert not endpoints._alive_with(predictor.pid, predictor.model_dir)
     with pytest.raises(CovidXrayError, match="no endpoint answering"):
         predictor.predict(b"x")
+
+
+def test_the_default_instance_type_says_which_it_took_and_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no docker command here
+    said: list[str] = []
+    assert launcher.default_instance_type(said.append) == "local-process"
+    assert said == [f"instance type local-process: {sdk_objects.local_mode_problem()}"]
+    assert re.search(r"SDK is not installed|needs Docker, which is not installed", said[0])
 
 
 @pytest.mark.integration
@@ -315,7 +323,10 @@ def test_local_process_refuses_s3_data(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_notebook_runs_top_to_bottom(dataset_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("instance_type", ["local-process", pytest.param("local", marks=pytest.mark.docker)])
+def test_demo_notebook_runs_top_to_bottom(instance_type, dataset_dir, tmp_path, monkeypatch):
+    if instance_type == "local" and (problem := sdk_objects.local_mode_problem()):
+        pytest.skip(problem)
     nbformat = pytest.importorskip("nbformat", reason="nbformat is not installed: pip install -e '.[test]'")
     nbclient = pytest.importorskip("nbclient", reason="nbclient is not installed: pip install -e '.[test]'")
     notebook = nbformat.read(ROOT / "notebooks" / "covid_xray_demo.ipynb", as_version=4)
@@ -324,10 +335,17 @@ def test_demo_notebook_runs_top_to_bottom(dataset_dir, tmp_path, monkeypatch):
     # The kernel inherits this environment: the real data, the short CI schedule, this source tree.
     monkeypatch.setenv("COVID_XRAY_DATA", str(dataset_dir))
     monkeypatch.setenv("COVID_XRAY_DEMO_EPOCHS", os.environ.get("COVID_XRAY_DEMO_EPOCHS", str(DEMO_EPOCHS)))
-    monkeypatch.setenv("COVID_XRAY_DEMO_INSTANCE_TYPE", "local-process")
+    monkeypatch.setenv("COVID_XRAY_DEMO_INSTANCE_TYPE", instance_type)
     monkeypatch.setenv("COVID_XRAY_DEMO_WORKDIR", str(tmp_path / "work"))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
-    nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    containers = jobs.LocalContainers(sdk_objects.LOCAL_IMAGE)
+    try:
+        nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
+                                resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        left = containers.started()  # local mode: the launcher removes every container it started
+        containers.remove()
+    assert not left, f"containers left behind: {left}"
     outputs = "\n".join(
         o.get("text", "") + json.dumps(o.get("data", {}).get("text/plain", ""))
         for c in notebook.cells if c.cell_type == "code" for o in c.outputs

@@ -286,9 +286,11 @@ def test_missing_docker_daemon_or_compose_is_one_sentence_each(monkeypatch, tmp_
         with pytest.raises(CovidXrayError, match=message) as info:
             sdk_objects.make_session("local")
         assert "\n" not in str(info.value)
+        assert sdk_objects.local_mode_problem() == str(info.value)  # what picks local-process as the default
     (bin_dir / "docker-compose").write_text("#!/bin/sh\nexit 0\n")
     (bin_dir / "docker-compose").chmod(0o755)
     assert jobs.docker_problem() is None
+    assert sdk_objects.local_mode_problem() is None  # this fake docker says every image is here
 
 
 @needs_sdk
@@ -354,11 +356,39 @@ def test_cli_prints_the_sentence_not_a_traceback(monkeypatch, capsys, tmp_path):
         cli.main(["serve", "bundle", "--epochs", "1"])
 
 
-def test_a_local_mode_endpoint_is_deleted_by_its_deploy_command():
-    endpoint = endpoints.endpoint_from_state({"kind": "local", "name": "covid-xray-x", "url": endpoints.LOCAL_MODE_URL})
-    assert isinstance(endpoint, endpoints.LocalModeEndpoint) and endpoint.url == "http://localhost:8080"
-    with pytest.raises(CovidXrayError, match="press Ctrl-C there"):
+# Stands in for `covid-xray sagemaker deploy` (its argv says so): on Ctrl-C it deletes "its endpoint" and exits.
+FAKE_DEPLOY = """
+import pathlib, sys, time
+print("serving", flush=True)
+try:
+    time.sleep(600)
+except KeyboardInterrupt:
+    pathlib.Path(sys.argv[1]).write_text("deleted")
+    sys.exit(130)
+"""
+
+
+def test_a_local_mode_endpoint_is_deleted_by_interrupting_its_deploy_command(tmp_path):
+    marker = tmp_path / "deleted"
+    deploy = subprocess.Popen([sys.executable, "-c", FAKE_DEPLOY, str(marker), "sagemaker", "deploy"],
+                              stdout=subprocess.PIPE, text=True)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        assert deploy.stdout.readline() == "serving\n"
+        described = {"kind": "local", "name": "covid-xray-x", "url": endpoints.LOCAL_MODE_URL, "pid": deploy.pid}
+        endpoint = endpoints.endpoint_from_state(described)
+        assert isinstance(endpoint, endpoints.LocalModeEndpoint) and endpoint.url == "http://localhost:8080"
         endpoint.delete_endpoint()
+        assert deploy.wait(timeout=5) == 130 and marker.read_text() == "deleted"
+        endpoint.delete_endpoint()  # already gone: nothing to do
+        # A recorded pid that is no deploy command (recycled) is never signalled.
+        endpoints.endpoint_from_state({**described, "pid": bystander.pid}).delete_endpoint()
+        assert bystander.poll() is None
+    finally:
+        deploy.kill()
+        bystander.kill()
+    with pytest.raises(CovidXrayError, match="lives as long as the process that deployed it"):
+        endpoints.endpoint_from_state({"kind": "local", "url": endpoints.LOCAL_MODE_URL}).delete_endpoint()
 
 
 def test_the_image_make_builds_is_the_one_local_mode_looks_for():

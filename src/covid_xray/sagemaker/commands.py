@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -36,10 +37,12 @@ def _sagemaker_deploy(args: argparse.Namespace) -> int:
     endpoint = launcher.deploy(job, instance_type=args.instance_type, role=args.role, region=args.region, port=args.port,
                                sdk=args.sdk, image=args.image_uri)
     described = endpoint.describe()
-    launcher.save_state(args.job_dir, endpoint=described)
+    local = described["kind"] in jobs.LOCAL_MODES
+    # A local-mode endpoint lives as long as this process: `cleanup` from another terminal interrupts it (pid).
+    launcher.save_state(args.job_dir, endpoint=described | {"pid": os.getpid()} if local else described)
     print(f"endpoint: {described.get('url') or described['name']}")
-    if described["kind"] in jobs.LOCAL_MODES:  # a local-mode endpoint lives as long as this process
-        print("serving until Ctrl-C", flush=True)
+    if local:
+        print("serving until Ctrl-C (or 'covid-xray sagemaker cleanup' from another terminal)", flush=True)
         try:
             while True:
                 time.sleep(3600)

@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -91,36 +91,43 @@ class LocalProcessEndpoint:
 
     def delete_endpoint(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 20 s); a no-op when it is already gone."""
-        for sig, grace_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
-            if not self._running():
-                return
-            os.kill(self.pid, sig)
-            deadline = time.monotonic() + grace_s
-            while self._running() and time.monotonic() < deadline:
-                time.sleep(0.1)
+        _stop(self.pid, self._running, ((signal.SIGTERM, 20), (signal.SIGKILL, 5)))
 
     def _running(self) -> bool:
         if self._proc is not None:  # our child: poll() also reaps it
             return self._proc.poll() is None
-        return _serves(self.pid, self.model_dir)
+        return _alive_with(self.pid, self.model_dir)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": LOCAL_PROCESS, "url": self.url, "pid": self.pid, "model_dir": self.model_dir}
 
 
-def _serves(pid: int, model_dir: str) -> bool:
-    """Whether pid is a live server of this very model folder, so that a recycled pid is never
-    signalled. Without /proc (macOS), whether the pid exists at all."""
+def _alive_with(pid: int, *args: str) -> bool:
+    """Whether pid is alive and was started with all of `args` (a server of this very model folder, the
+    `sagemaker deploy` command), so that a recycled pid is never signalled. Without /proc (macOS), whether it is alive."""
     if Path("/proc/self").exists():
         try:
-            return model_dir in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             return False
+        return all(arg in argv for arg in args)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     return True
+
+
+def _stop(pid: int, running: Callable[[], bool], signals: Sequence[tuple[signal.Signals, float]]) -> bool:
+    """Send each signal in turn while `running()`, waiting up to its grace seconds; whether the process stopped."""
+    for sig, grace_s in signals:
+        if not running():
+            return True
+        os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    return not running()
 
 
 class SageMakerEndpoint:
@@ -177,21 +184,27 @@ def http_invoke(
 
 
 class LocalModeEndpoint:
-    """A local-mode endpoint seen from another process: reachable over HTTP, but owned (and
-    deleted) by the process that deployed it."""
+    """A local-mode endpoint seen from another process: reachable over HTTP, but owned by the `sagemaker deploy`
+    command that made it (`pid`), which deletes it and its containers when it is interrupted."""
 
-    def __init__(self, url: str = LOCAL_MODE_URL, kind: str = "local"):
-        self.url, self.kind = url, kind
+    DEPLOY_ARGS = ("sagemaker", "deploy")
+
+    def __init__(self, url: str = LOCAL_MODE_URL, kind: str = "local", pid: int | None = None):
+        self.url, self.kind, self.pid = url, kind, pid
 
     def predict(self, image: bytes) -> dict[str, Any]:
         return http_invoke(self.url, image)
 
     def delete_endpoint(self) -> None:
-        raise CovidXrayError("a local-mode endpoint lives as long as the 'deploy' command serving it: press Ctrl-C there")
+        """Interrupt the deploy command, as Ctrl-C there would; a no-op when it is already gone."""
+        if self.pid is None:
+            raise CovidXrayError("a local-mode endpoint lives as long as the process that deployed it: stop that one")
+        if not _stop(self.pid, lambda: _alive_with(self.pid, *self.DEPLOY_ARGS), ((signal.SIGINT, 120),)):
+            raise CovidXrayError(f"the deploy command (pid {self.pid}) did not stop within 120 s: press Ctrl-C there")
 
     def describe(self) -> dict[str, Any]:
         # Only what endpoint_from_state reads back: the SDK's name for it belongs to its deploy process.
-        return {"kind": self.kind, "url": self.url}
+        return {"kind": self.kind, "url": self.url, "pid": self.pid}
 
 
 def endpoint_from_state(described: Mapping[str, Any]) -> Endpoint:
@@ -200,6 +213,6 @@ def endpoint_from_state(described: Mapping[str, Any]) -> Endpoint:
     if kind == LOCAL_PROCESS:
         return LocalProcessEndpoint(described["url"], described["pid"], described["model_dir"])
     if kind in LOCAL_MODES:
-        return LocalModeEndpoint(described["url"], kind)
+        return LocalModeEndpoint(described["url"], kind, described.get("pid"))
     line = described.get("sdk")
     return SageMakerEndpoint(predictor(described["name"], kind, described.get("region"), line), kind, line)

@@ -103,15 +103,13 @@ class LocalContainers:
             return set()
         return set(listed.split())
 
+    def started(self) -> set[str]:
+        return self._ids() - self.before
+
     def remove(self) -> None:
-        new = self._ids() - self.before
-        if new:
+        if new := self.started():
             _quiet(["docker", "rm", "-f", *sorted(new)])
         _quiet(["docker", "network", "rm", "sagemaker-local"])  # refused while another job uses it
-
-
-def docker_available() -> bool:
-    return docker_problem() is None
 
 
 def check_instance_type(instance_type: str, instance_count: int = 1) -> None:

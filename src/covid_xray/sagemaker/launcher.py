@@ -29,9 +29,9 @@ from ..errors import CovidXrayError
 from . import entry
 from . import sdk as sdk_workflow
 from .endpoints import Endpoint, LocalProcessEndpoint, SageMakerEndpoint, endpoint_from_state
-from .jobs import LOCAL_PROCESS, Log, TrainingJob, check_instance_type
+from .jobs import LOCAL_MODES, LOCAL_PROCESS, Log, TrainingJob, check_instance_type
 from .local_process import run_local_process
-from .transform import DEFAULT_CONCURRENCY, TransformResult, run_local_process as transform_local_process
+from .transform import DEFAULT_CONCURRENCY, TransformResult, answered_by_job, run_local_process as transform_local_process
 
 STATE_FILE = "sagemaker.json"
 
@@ -62,9 +62,14 @@ def load_state(job_dir: str | os.PathLike) -> dict[str, Any]:
 # --- train -------------------------------------------------------------------------------------
 
 
-def default_instance_type() -> str:
-    """`local` where SageMaker local mode can run as it is (an SDK, Docker, an image), else `local-process`."""
-    return "local" if sdk_workflow.local_mode_ready() else LOCAL_PROCESS
+def default_instance_type(log: Log | None = None) -> str:
+    """`local` where SageMaker local mode can run as it is (an SDK, Docker, an image), else `local-process`;
+    `log` hears which one and why."""
+    problem = sdk_workflow.local_mode_problem()
+    if log is not None:
+        log(f"instance type local-process: {problem}" if problem else
+            "instance type local: SageMaker local mode, in Docker containers through docker compose")
+    return LOCAL_PROCESS if problem else "local"
 
 
 def channels(data: str | os.PathLike) -> dict[str, str]:
@@ -97,7 +102,7 @@ def train(
     mapping. Everything local (source, model, reports, the job record) goes under `out`. `sdk` ('v2', 'v3')
     names the SageMaker SDK line for local mode and ml.* (default: the installed one); `image` the container
     image (default: AWS's PyTorch image, or for local mode the one `make sagemaker-image` builds, see sdk)."""
-    instance_type = instance_type or default_instance_type()
+    instance_type = instance_type or default_instance_type(log)
     check_instance_type(instance_type, instance_count)
     named = inputs if isinstance(inputs, Mapping) else channels(inputs)
     inputs = {name: str(value) for name, value in named.items()}
@@ -158,9 +163,11 @@ def transform(
     if instance_type == LOCAL_PROCESS:
         return transform_local_process(model_data, source, output, workdir=Path(model_data).resolve().parent / "transform",
                                        concurrency=concurrency, log=log)
-    return TransformResult(sdk_workflow.run_transform(model_data, str(source), str(output), instance_type, role=role,
-                                                      region=region, concurrency=concurrency, log=log, line=sdk,
-                                                      image=image))
+    uri = sdk_workflow.run_transform(model_data, str(source), str(output), instance_type, role=role, region=region,
+                                     concurrency=concurrency, log=log, line=sdk, image=image)
+    if instance_type not in LOCAL_MODES:
+        return TransformResult(uri)
+    return TransformResult(str(Path(output).resolve()), written=answered_by_job(Path(output).resolve()))
 
 
 def _model_of(job: TrainingJob | str | os.PathLike, instance_type: str | None,

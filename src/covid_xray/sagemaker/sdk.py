@@ -200,15 +200,16 @@ def local_mode_image(image: str | None, instance_type: str, region: str) -> str 
     )
 
 
-def local_mode_ready() -> bool:
-    """Whether `local` can run here as it is: an SDK, Docker with compose, and an image."""
-    if sdk_line() is None or docker_problem() is not None:
-        return False
+def local_mode_problem() -> str | None:
+    """Why `local` cannot run here as it is (one sentence), or None: it needs an SDK, Docker with compose, and an image."""
+    if sdk_line() is None:
+        return f"the SageMaker Python SDK is not installed ({_INSTALL['v3']})"
     try:
+        check_docker("local")
         local_mode_image(None, "local", LOCAL_REGION)
-    except CovidXrayError:
-        return False
-    return True
+    except CovidXrayError as e:
+        return str(e)
+    return None
 
 
 def training_settings(
@@ -328,22 +329,38 @@ def run_transform(model_data: str, source: str, output: str, instance_type: str,
     sdk = line_module(line)
     session = make_session(instance_type, region, line)
     local = instance_type in LOCAL_MODES
-    source = channel_uri(source, "transform-input", session, local, log)
     if local:  # local mode reads and writes file:// URIs
-        model_data, output = file_uri(model_data), file_uri(output)
+        model_data = file_uri(model_data)
+        runs = [(file_uri(str(folder)), file_uri(str(Path(output) / rel))) for rel, folder in _local_folders(source)]
+        if len(runs) > 1:
+            log(f"local mode: one transform job for each of the {len(runs)} folders holding files (its file:// input "
+                "reads a folder's own files only, where an S3 prefix holds the files of every subfolder)")
+    else:
+        runs = [(channel_uri(source, "transform-input", session, local, log), output)]
     settings = serving_settings(instance_type, model_data, session=session, role=role,
                                 image=local_mode_image(image, instance_type, session.boto_region_name), line=line)
-    # One request per input file (SingleRecord, no splitting), JSON answers as FILE.out, at most `concurrency`
-    # requests in flight, payloads up to the endpoint's own body limit (MB).
-    transform = TransformSettings(output_path=output, concurrency=concurrency,
-                                  max_payload_mb=DEFAULT_MAX_BODY_BYTES // 2**20)
     containers = LocalContainers(settings.image_uri) if local else None
     try:
-        sdk.transform(settings, transform, source, session)
+        for source_uri, output_uri in runs:
+            # One request per input file (SingleRecord, no splitting), JSON answers as FILE.out, at most
+            # `concurrency` requests in flight, payloads up to the endpoint's own body limit (MB).
+            transform = TransformSettings(output_path=output_uri, concurrency=concurrency,
+                                          max_payload_mb=DEFAULT_MAX_BODY_BYTES // 2**20)
+            sdk.transform(settings, transform, source_uri, session)
     finally:
         if containers:
             containers.remove()
-    return output
+    return file_uri(output) if local else output
+
+
+def _local_folders(source: str) -> list[tuple[str, Path]]:
+    """(path relative to `source`, folder) for `source` and every folder under it that holds input files."""
+    from .transform import input_files
+
+    root = Path(source.removeprefix("file://")).resolve()
+    if root.is_file():
+        return [(".", root)]
+    return [(str(folder.relative_to(root)), folder) for folder in sorted({f.parent for f in input_files(root)})]
 
 
 # --- shared helpers ----------------------------------------------------------------------------------

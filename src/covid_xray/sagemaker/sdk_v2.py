@@ -162,9 +162,11 @@ def transform(serving: ServingSettings, settings: TransformSettings, source: str
     """Create the model, run the transform job on it, delete the model."""
     model = build_model(serving, session)
     model.create(instance_type=serving.instance_type)
+    # Local mode streams the container's log itself; v2's logs=True would read CloudWatch (AWS credentials).
+    logs = not isinstance(session, sagemaker.local.LocalSession)
     try:
         build_transformer(settings, model.name, serving.instance_type, session).transform(
-            source, data_type="S3Prefix", content_type=settings.content_type, split_type=None, wait=True, logs=True,
+            source, data_type="S3Prefix", content_type=settings.content_type, split_type=None, wait=True, logs=logs,
         )
     finally:
         model.delete_model()

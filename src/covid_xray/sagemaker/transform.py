@@ -46,6 +46,11 @@ class TransformResult:
         return line + "".join(f"\n  {name}: {why} ({name}{ERROR})" for name, why in self.errors.items())
 
 
+def answered_by_job(output: Path) -> list[str]:
+    """The inputs (relative paths) a SageMaker transform job answered into the local folder `output`."""
+    return sorted(str(p.relative_to(output)).removesuffix(OUT) for p in output.rglob("*" + OUT))
+
+
 def input_files(root: Path) -> list[Path]:
     """Every file under `root` (or `root` itself), in order, as a transform job reads every object
     under its S3 prefix; hidden files (.DS_Store and the like) are left out."""
