@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -90,10 +89,10 @@ def _through_the_cli(data: Path, job_dir: Path, archive: Path, films: list[Path]
         _checked([*cli, "transform", "--job-dir", str(job_dir), "--input", str(archive), "--output",
                   str(job_dir / "transform")], timeout=600)
         assert "endpoint deleted" in _checked([*cli, "cleanup", "--job-dir", str(job_dir)], timeout=300)
-        assert deploy.wait(timeout=60) == 130  # interrupted by cleanup, as by Ctrl-C, after deleting the endpoint
+        assert deploy.wait(timeout=60) == 130  # stopped by cleanup, as by Ctrl-C, after deleting the endpoint
     finally:
         if deploy.poll() is None:
-            deploy.send_signal(signal.SIGINT)
+            deploy.terminate()
             deploy.wait(timeout=120)
     state = json.loads((job_dir / "sagemaker.json").read_text())
     assert state["endpoint"] is None

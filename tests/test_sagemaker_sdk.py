@@ -356,9 +356,11 @@ def test_cli_prints_the_sentence_not_a_traceback(monkeypatch, capsys, tmp_path):
         cli.main(["serve", "bundle", "--epochs", "1"])
 
 
-# Stands in for `covid-xray sagemaker deploy` (its argv says so): on Ctrl-C it deletes "its endpoint" and exits.
+# Stands in for `covid-xray sagemaker deploy` (its argv says so): on SIGTERM, as on Ctrl-C, it deletes "its
+# endpoint" and exits.
 FAKE_DEPLOY = """
-import pathlib, sys, time
+import pathlib, signal, sys, time
+signal.signal(signal.SIGTERM, signal.default_int_handler)
 print("serving", flush=True)
 try:
     time.sleep(600)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -42,6 +43,9 @@ def _sagemaker_deploy(args: argparse.Namespace) -> int:
     launcher.save_state(args.job_dir, endpoint=described | {"pid": os.getpid()} if local else described)
     print(f"endpoint: {described.get('url') or described['name']}")
     if local:
+        # SIGTERM (what `cleanup` sends) ends it as Ctrl-C does; SIGINT too where a shell started it ignoring SIGINT.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.default_int_handler)
         print("serving until Ctrl-C (or 'covid-xray sagemaker cleanup' from another terminal)", flush=True)
         try:
             while True:

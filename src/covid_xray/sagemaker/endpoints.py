@@ -196,10 +196,10 @@ class LocalModeEndpoint:
         return http_invoke(self.url, image)
 
     def delete_endpoint(self) -> None:
-        """Interrupt the deploy command, as Ctrl-C there would; a no-op when it is already gone."""
+        """Stop the deploy command (SIGTERM, which it handles as Ctrl-C); a no-op when it is already gone."""
         if self.pid is None:
             raise CovidXrayError("a local-mode endpoint lives as long as the process that deployed it: stop that one")
-        if not _stop(self.pid, lambda: _alive_with(self.pid, *self.DEPLOY_ARGS), ((signal.SIGINT, 120),)):
+        if not _stop(self.pid, lambda: _alive_with(self.pid, *self.DEPLOY_ARGS), ((signal.SIGTERM, 120),)):
             raise CovidXrayError(f"the deploy command (pid {self.pid}) did not stop within 120 s: press Ctrl-C there")
 
     def describe(self) -> dict[str, Any]:
