@@ -294,6 +294,28 @@ def test_missing_docker_daemon_or_compose_is_one_sentence_each(monkeypatch, tmp_
 
 
 @needs_sdk
+def test_a_missing_local_mode_image_is_one_sentence(monkeypatch, tmp_path):
+    """Docker answers, but has no image and no credentials to pull AWS's: say how to get one."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text('#!/bin/sh\n[ "$1" = image ] && exit 1\nexit 0\n')  # `docker image inspect` fails
+    (bin_dir / "docker").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv(sdk_objects.IMAGE_ENV, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(CovidXrayError, match=r"^no image for SageMaker local mode here: build one with 'make sagemaker-image'"):
+        sdk_objects.local_mode_image(None, "local", sdk_objects.LOCAL_REGION)
+    assert sdk_objects.local_mode_problem().startswith("no image for SageMaker local mode here")
+    assert sdk_objects.local_mode_image("my/image:1", "local", sdk_objects.LOCAL_REGION) == "my/image:1"
+    monkeypatch.setenv(sdk_objects.IMAGE_ENV, "my/image:2")
+    assert sdk_objects.local_mode_image(None, "local", sdk_objects.LOCAL_REGION) == "my/image:2"
+
+
+@needs_sdk
 def test_missing_credentials_and_region_are_one_sentence_each(monkeypatch, tmp_path):
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION",
                  "AWS_REGION"):

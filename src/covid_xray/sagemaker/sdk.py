@@ -184,7 +184,7 @@ def image_uri(scope: str, instance_type: str, region: str, line: str | None = No
 def local_mode_image(image: str | None, instance_type: str, region: str) -> str | None:
     """The image local mode runs when none is named (`--image-uri`, $COVID_XRAY_SAGEMAKER_IMAGE): AWS's when it is
     here or can be pulled, else the one `make sagemaker-image` builds (docker/), else one sentence. Managed jobs
-    always get AWS's (None: the settings name it)."""
+    get AWS's unless one is named (None: the settings name it)."""
     image = image or os.environ.get(IMAGE_ENV)
     if image or instance_type not in LOCAL_MODES:
         return image
