@@ -111,6 +111,12 @@ class LocalContainers:
             _quiet(["docker", "rm", "-f", *sorted(new)])
         _quiet(["docker", "network", "rm", "sagemaker-local"])  # refused while another job uses it
 
+    def __enter__(self) -> LocalContainers:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
+
 
 def check_instance_type(instance_type: str, instance_count: int = 1) -> None:
     if instance_type not in (LOCAL_PROCESS, *LOCAL_MODES) and not instance_type.startswith("ml."):

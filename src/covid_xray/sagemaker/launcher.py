@@ -167,7 +167,8 @@ def transform(
                                      concurrency=concurrency, log=log, line=sdk, image=image)
     if instance_type not in LOCAL_MODES:
         return TransformResult(uri)
-    return TransformResult(str(Path(output).resolve()), written=answered_by_job(Path(output).resolve()))
+    folder = Path(output).resolve()
+    return TransformResult(str(folder), written=answered_by_job(folder))
 
 
 def _model_of(job: TrainingJob | str | os.PathLike, instance_type: str | None,

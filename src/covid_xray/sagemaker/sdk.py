@@ -11,7 +11,8 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from importlib import import_module, metadata
 from pathlib import Path
 from types import ModuleType
@@ -20,8 +21,8 @@ from typing import Any
 from ..errors import CovidXrayError
 from . import entry
 from .jobs import (
-    BASE_JOB_NAME, LOCAL_MODES, LOCAL_PROCESS, LocalContainers, Log, TrainingJob, _extract, check_instance_type, docker_image_exists, docker_problem,
-    stage_source_dir,
+    BASE_JOB_NAME, LOCAL_MODES, LOCAL_PROCESS, LocalContainers, Log, TrainingJob, _extract, check_instance_type,
+    docker_image_exists, docker_problem, stage_source_dir,
 )
 
 SDK_LINES = ("v2", "v3")
@@ -272,16 +273,13 @@ def run_training(
     settings = training_settings(
         instance_type, source_dir=stage_source_dir(out / "source"), session=session,
         hyperparameters=hyperparameters, instance_count=instance_count, role=role,
-        output_path=file_uri(str(out)) if local else None, image=local_mode_image(image, instance_type, session.boto_region_name), line=line,
+        output_path=file_uri(str(out)) if local else None,
+        image=local_mode_image(image, instance_type, session.boto_region_name), line=line,
     )
     log(f"training image: {settings.image_uri}")
     channels = {name: channel_uri(value, name, session, local, log) for name, value in inputs.items()}
-    containers = LocalContainers(settings.image_uri) if local else None
-    try:
+    with LocalContainers(settings.image_uri) if local else nullcontext():
         name, model_data = sdk.fit(settings, channels, session, out)
-    finally:
-        if containers:
-            containers.remove()
     job = TrainingJob(name=name, instance_type=instance_type, model_data=model_data,
                       region=session.boto_region_name, sdk=sdk.LINE)
     if local:  # local mode leaves model.tar.gz and output.tar.gz side by side on this machine
@@ -339,17 +337,13 @@ def run_transform(model_data: str, source: str, output: str, instance_type: str,
         runs = [(channel_uri(source, "transform-input", session, local, log), output)]
     settings = serving_settings(instance_type, model_data, session=session, role=role,
                                 image=local_mode_image(image, instance_type, session.boto_region_name), line=line)
-    containers = LocalContainers(settings.image_uri) if local else None
-    try:
+    # One request per input file (SingleRecord, no splitting), JSON answers as FILE.out, at most `concurrency`
+    # requests in flight, payloads up to the endpoint's own body limit (MB).
+    transform = TransformSettings(output_path=output, concurrency=concurrency,
+                                  max_payload_mb=DEFAULT_MAX_BODY_BYTES // 2**20)
+    with LocalContainers(settings.image_uri) if local else nullcontext():
         for source_uri, output_uri in runs:
-            # One request per input file (SingleRecord, no splitting), JSON answers as FILE.out, at most
-            # `concurrency` requests in flight, payloads up to the endpoint's own body limit (MB).
-            transform = TransformSettings(output_path=output_uri, concurrency=concurrency,
-                                          max_payload_mb=DEFAULT_MAX_BODY_BYTES // 2**20)
-            sdk.transform(settings, transform, source_uri, session)
-    finally:
-        if containers:
-            containers.remove()
+            sdk.transform(settings, replace(transform, output_path=output_uri), source_uri, session)
     return file_uri(output) if local else output
 
 
